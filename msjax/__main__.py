@@ -1,0 +1,5 @@
+import sys
+
+from msjax.cli import main
+
+sys.exit(main())

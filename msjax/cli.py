@@ -1,0 +1,132 @@
+"""The `msjax` command line (also `python -m msjax`).
+
+    msjax generate --model tiny-moe --prompt "Beautiful is better than" --max-tokens 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr for weight loading (one final line when stderr is not a terminal)."""
+
+    def __init__(self, label: str, width: int = 30):
+        self.label, self.width, self._last = label, width, -1
+        self.interactive = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent == self._last or (not self.interactive and done < total):
+            return
+        self._last = percent
+        filled = self.width * percent // 100
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{' ' * (self.width - filled)}] {percent:3d}% "
+                         f"{done / 1e6:.1f}/{total / 1e6:.1f} MB")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from msjax.config import DeploymentPlan
+    from msjax.engine.engine import Engine
+    from msjax.engine.sampling_params import SamplingParams
+
+    started = time.perf_counter()
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    plan = DeploymentPlan.load(args.plan) if args.plan else None
+    engine = Engine.from_pretrained(args.model, plan=plan, dtype=args.dtype,
+                                    progress=ProgressBar("loading weights"))
+    timeline = None
+    if args.trace:
+        if not hasattr(engine.runner, "timeline"):
+            print("error: --trace needs a disaggregated --plan (the timeline is per attention/expert node)",
+                  file=sys.stderr)
+            return 2
+        from msjax.runtime.timeline import Timeline
+        timeline = engine.runner.timeline = Timeline()
+    prompt = args.prompt
+    if engine.tokenizer is None:
+        try:
+            prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+        except ValueError:
+            print(f"error: {args.model} has no tokenizer, so --prompt must be token ids like '1 5 9'",
+                  file=sys.stderr)
+            return 2
+    loaded = time.perf_counter()
+    engine.add_request("cli", prompt, sampling)
+    token_ids, text, reason = [], [], None
+    if not args.json:
+        print(args.prompt, end="", flush=True)
+    with timeline.trace(f"{args.trace}/profile") if timeline else contextlib.nullcontext():
+        for delta in _drain(engine):
+            token_ids += delta.token_ids
+            piece = delta.text if delta.text is not None else "".join(f" {t}" for t in delta.token_ids)
+            text.append(piece)
+            reason = delta.finish_reason
+            if not args.json:
+                print(piece, end="", flush=True)
+    done = time.perf_counter()
+    if timeline is not None:
+        paths = timeline.save(args.trace, f"{args.model}, plan {args.plan}")
+        busy = ", ".join(f"{g} {f:.0%}" for g, f in timeline.busy_fraction().items())
+        print(f"[timeline: {', '.join(map(str, paths.values()))}; busy: {busy}]", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "token_ids": token_ids,
+                          "text": "".join(text) if engine.tokenizer else None, "finish_reason": reason,
+                          "load_s": round(loaded - started, 3), "generate_s": round(done - loaded, 3)}))
+    else:
+        print()
+        print(f"[{len(token_ids)} tokens in {done - loaded:.2f} s ({reason}), model loaded in "
+              f"{loaded - started:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def _drain(engine):
+    """Step until every request finished, yielding deltas as they come (so text streams)."""
+    while engine.has_unfinished():
+        yield from engine.step()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msjax", description="MegaScale-Infer-style MoE serving on JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue a prompt (streams the text as it is generated)")
+    gen.add_argument("--model", default="tiny-moe", help="HF checkpoint directory or preset name")
+    gen.add_argument("--prompt", required=True, help="text (or token ids when the model has no tokenizer)")
+    gen.add_argument("--max-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--plan", help="a DeploymentPlan TOML file (default: one device, one program)")
+    gen.add_argument("--trace", metavar="DIR", help="write the device timeline (JSON for Perfetto, PNG) to DIR")
+    gen.set_defaults(run=_generate)
+    from msjax.planner.cli import add_parser as add_plan_parser
+    add_plan_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Eight host devices so plans run on a CPU-only machine; read when JAX starts its backend (not at import),
+    # and harmless where accelerators exist.
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}".strip()
+    try:
+        return args.run(args)
+    except (ValueError, MemoryError) as err:  # msjax's input errors name the field or tensor at fault
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""A scheduled step as fixed-shape host arrays: padding to a few bucket sizes keeps the number of compiled
+programs small while the batch composition changes every step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from msjax.engine.sampling_params import MAX_LOGPROBS
+from msjax.engine.scheduler import StepPlan
+
+
+def bucket(n: int, cap: int, smallest: int = 1) -> int:
+    """The smallest power of two >= n (at least `smallest`), capped at `cap`."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, cap)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    decode: bool
+    num_logprobs: int  # 0 or MAX_LOGPROBS: whether the step computes top logprobs at all
+    tokens: np.ndarray  # [tokens] int32
+    positions: np.ndarray  # [tokens] int32, -1 for padding
+    seq_ids: np.ndarray  # [tokens] int32: row of page_table and of the per-sequence arrays below
+    page_table: np.ndarray  # [seqs, max_pages_per_seq] int32
+    logit_rows: np.ndarray  # [seqs] int32: token row whose logits sample each sequence
+    temperature: np.ndarray  # [seqs] float32
+    top_p: np.ndarray  # [seqs] float32
+    top_k: np.ndarray  # [seqs] int32
+    seeds: np.ndarray  # [seqs] uint32
+    steps: np.ndarray  # [seqs] int32: index of the token being sampled in the sequence's output
+
+
+def build_batch(plan: StepPlan, *, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_seq: int
+                ) -> StepBatch:
+    chunks = plan.chunks
+    seqs = bucket(len(chunks), max_num_seqs) if plan.decode else max_num_seqs
+    total = sum(c.num_tokens for c in chunks)
+    num_tokens = seqs if plan.decode else bucket(total, max_num_batched_tokens, smallest=16)
+    tokens = np.zeros(num_tokens, np.int32)
+    positions = np.full(num_tokens, -1, np.int32)
+    seq_ids = np.zeros(num_tokens, np.int32)
+    page_table = np.zeros((seqs, max_pages_per_seq), np.int32)
+    logit_rows = np.zeros(seqs, np.int32)
+    temperature = np.zeros(seqs, np.float32)
+    top_p = np.ones(seqs, np.float32)
+    top_k = np.zeros(seqs, np.int32)
+    seeds = np.zeros(seqs, np.uint32)
+    steps = np.zeros(seqs, np.int32)
+    row = 0
+    for i, chunk in enumerate(chunks):
+        seq, n = chunk.seq, chunk.num_tokens
+        tokens[row:row + n] = seq.all_ids[chunk.start:chunk.start + n]
+        positions[row:row + n] = np.arange(chunk.start, chunk.start + n)
+        seq_ids[row:row + n] = i
+        page_table[i, :len(seq.pages)] = seq.pages
+        logit_rows[i] = row + n - 1
+        sp = seq.sampling
+        temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
+        seeds[i], steps[i] = seq.seed, len(seq.output_ids)
+        row += n
+    wants_logprobs = any(c.seq.sampling.logprobs is not None for c in chunks)
+    return StepBatch(plan.decode, MAX_LOGPROBS if wants_logprobs else 0, tokens, positions, seq_ids, page_table,
+                     logit_rows, temperature, top_p, top_k, seeds, steps)

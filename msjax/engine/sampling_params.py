@@ -1,0 +1,58 @@
+"""`SamplingParams`, with vLLM's names and meanings, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from msjax.errors import ConfigError
+
+MAX_LOGPROBS = 20  # top-n logprobs per token, at most (vLLM's default max_logprobs)
+
+
+class InvalidRequestError(ConfigError):
+    """A request's prompt or sampling parameters are invalid; `field` names the culprit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: all tokens
+    seed: int | None = None  # None: drawn by the engine
+    stop: tuple[str, ...] | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; n: the chosen token's and the top n
+
+    def __post_init__(self):
+        def bad(field, message):
+            raise InvalidRequestError(field, message)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            bad("max_tokens", f"must be an integer > 0, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            bad("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", f"must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            bad("seed", f"must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is not None:
+            stop = tuple(stop)
+            if not all(isinstance(s, str) and s for s in stop):
+                bad("stop", f"must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        if self.stop_token_ids is not None:
+            ids = tuple(self.stop_token_ids)
+            if not all(isinstance(t, int) and t >= 0 for t in ids):
+                bad("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}")
+            object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0

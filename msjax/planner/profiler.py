@@ -1,0 +1,128 @@
+"""Profiler: measure T_a(b) and T_e(b) of the configured model on the local device with the real programs,
+and fit the performance model's coefficients (paper §4.2: "obtained through profiling and interpolation").
+
+T_a(b): one layer of one attention node for a decode micro-batch of b sequences at a given context: the combine
+of the previous layer's expert outputs, then the attention program (which ends with the dispatch packing).
+T_e(b): one layer of one expert node holding all experts, for the rows of that micro-batch (b x top-k).
+T_c(b): one direction of the transport (the packet to the expert node and its outputs back, halved).
+T_o(b): what a step does once, not per layer: embedding, LM head and sampling of b sequences.
+Each is timed on the device it would run on, synchronised per call, median over repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msjax.config import DeploymentPlan, EngineConfig, ModelConfig
+from msjax.kv_cache import AttentionBatch
+from msjax.models.programs import MoEModel
+from msjax.planner.profile import fit_linear
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_layer_times(model: MoEModel, batches: list[int], context: int, repeats: int = 20,
+                        devices=None) -> dict[str, list[float]]:
+    """Seconds per layer of attention (with its combine) and of the expert node, for each decode batch."""
+    from msjax.runtime.disaggregated import (DisaggregatedRunner, attention_step, combine_step, embed_step,
+                                             expert_step, head_step)
+    cfg = model.cfg
+    page_size = 16
+    pages = max(batches) * (-(-context // page_size) + 1)
+    runner = DisaggregatedRunner(model, EngineConfig(page_size=page_size, num_pages=pages,
+                                                     max_model_len=context + page_size),
+                                 DeploymentPlan(1, 1, 1, 1, 1), devices)
+    put = runner.transport.send
+    amesh, emesh = runner.attention_meshes[0], runner.expert_meshes[0]
+    out = {"batch": list(batches), "attention_s": [], "expert_s": [], "transfer_s": [], "step_fixed_s": []}
+    rng = np.random.default_rng(0)
+    per_seq = -(-context // page_size) + 1
+    for b in batches:
+        table = np.arange(b * per_seq, dtype=np.int32).reshape(b, per_seq)
+        batch = put(AttentionBatch(jnp.full(b, context - 1, jnp.int32), jnp.arange(b, dtype=jnp.int32),
+                                   jnp.asarray(table)), amesh)
+        h = put(jnp.asarray(rng.standard_normal((b, cfg.hidden_size)), model.dtype), amesh)
+        layer = jnp.int32(0)
+        first = attention_step(runner.attention_def, runner.attention_states[0], layer, h, jnp.zeros_like(h),
+                               batch, runner.kv[0], decode=True, routing=runner.routing)
+        runner.kv[0] = first[-1]
+        packets, orders, weights = first[1], first[2], first[4]
+        received = put(packets[0], emesh)
+        returned = put(expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))[0], amesh)
+
+        def attention():
+            moe = combine_step((returned,), orders, weights)
+            result = attention_step(runner.attention_def, runner.attention_states[0], layer, h, moe, batch,
+                                    runner.kv[0], decode=True, routing=runner.routing)
+            runner.kv[0] = result[-1]
+            return result[0]
+
+        out["attention_s"].append(_median_seconds(attention, repeats))
+        out["expert_s"].append(_median_seconds(
+            lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,)), repeats))
+        outputs = expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))
+        out["transfer_s"].append(_median_seconds(
+            lambda: (put(packets[0], emesh), put(outputs[0], amesh)), repeats) / 2)
+        tokens = put(jnp.zeros(b, jnp.int32), amesh)
+        zeros_f, zeros_i = put(jnp.zeros(b, jnp.float32), amesh), put(jnp.zeros(b, jnp.int32), amesh)
+
+        def fixed():
+            h0 = embed_step(runner.attention_def, runner.attention_states[0], tokens)
+            return head_step(runner.attention_def, runner.attention_states[0], h0, h0, jnp.arange(b), zeros_f,
+                             zeros_f + 1, zeros_i, zeros_i.astype(jnp.uint32), zeros_i, num_logprobs=0)
+
+        out["step_fixed_s"].append(_median_seconds(fixed, repeats))
+    return out
+
+
+def fit(measured: dict[str, list[float]]):
+    """T_a, T_e (and, when measured, T_c and T_o) as `LinearCost`s in seconds over the micro-batch size."""
+    costs = [fit_linear(measured["batch"], measured["attention_s"]),
+             fit_linear(measured["batch"], measured["expert_s"])]
+    for key in ("transfer_s", "step_fixed_s"):
+        if measured.get(key):
+            costs.append(fit_linear(measured["batch"], measured[key]))
+    return tuple(costs)
+
+
+def predicted_step_seconds(t_a, t_e, layers: int, batch: int, m: int, overlap: bool, t_c=None,
+                           t_o=None) -> float:
+    """One decode step of `batch` sequences in m micro-batches with one attention and one expert node.
+
+    overlap=True is the paper's pipeline (Eq. 5). overlap=False is what one process of XLA:CPU devices does:
+    the two groups share the cores, so every program and copy runs after the other. t_o (per micro-batch: embed,
+    head, sampling) is added once per micro-batch in both."""
+    b = batch / m
+    a, e = t_a(b), t_e(b)
+    c = t_c(b) if t_c is not None else 0.0
+    fixed = m * t_o(b) if t_o is not None else 0.0
+    if not overlap:
+        return layers * m * (a + e + 2 * c) + fixed
+    t_f = max(a, e)
+    round_trip = a + e + 2 * c
+    return round_trip - t_f + max(m * t_f, round_trip) * layers + fixed
+
+
+def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
+    """The measurements as a profile file that `msjax plan --profile` reads."""
+    def entry(role, key):
+        times = ", ".join(f"{1e3 * t:.4f}" for t in measured[key])
+        return (f"[[{role}]]\ngpu = \"{gpu}\"\ntp = 1\nbatch = [{', '.join(map(str, measured['batch']))}]\n"
+                f"time_ms = [{times}]\n")
+    return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
+
+
+__all__ = ["fit", "measure_layer_times", "predicted_step_seconds", "profile_toml", "ModelConfig"]

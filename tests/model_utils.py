@@ -1,0 +1,57 @@
+"""Helpers shared by the model tests: tiny configs and step batches over shuffled page tables."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from msjax.config import ModelConfig
+from msjax.kv_cache import AttentionBatch, KVCache
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(architecture="MixtralForCausalLM", vocab_size=61, hidden_size=32, num_layers=3, num_heads=6,
+                num_kv_heads=3, head_dim=8, num_experts=5, top_k=2, expert_ffn_size=24)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def shuffled_page_table(num_seqs: int, pages_per_seq: int, seed: int = 0) -> np.ndarray:
+    """Each sequence gets pages in a random, non-contiguous order (as a real allocator hands them out)."""
+    pages = np.random.default_rng(seed).permutation(num_seqs * pages_per_seq)
+    return pages.reshape(num_seqs, pages_per_seq).astype(np.int32)
+
+
+def prefill_batch(prompts: list[list[int]], page_table: np.ndarray):
+    """(tokens, batch, rows of each prompt's last token) for a flat prefill of whole prompts."""
+    tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts])
+    positions = np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts])
+    seq_ids = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(prompts)])
+    batch = AttentionBatch(jnp.asarray(positions), jnp.asarray(seq_ids), jnp.asarray(page_table))
+    return jnp.asarray(tokens), batch
+
+
+def decode_token_by_token(model, prompt: list[int], page_size: int, seed: int = 0) -> np.ndarray:
+    """Feed `prompt` one token per decode step through the paged cache; logits [len, vocab] of every step."""
+    pages = -(-len(prompt) // page_size) + 1
+    table = jnp.asarray(shuffled_page_table(1, pages, seed))
+    kv = KVCache.create(model.cfg, pages + 3, page_size, dtype=model.dtype)
+    out = []
+    for pos, token in enumerate(prompt):
+        batch = AttentionBatch(jnp.array([pos], jnp.int32), jnp.zeros(1, jnp.int32), table)
+        logits, kv = model.forward(jnp.array([token], jnp.int32), batch, kv, jnp.arange(1), decode=True)
+        out.append(np.asarray(logits[0]))
+    return np.stack(out)
+
+
+def run_requests(engine, requests) -> dict[str, tuple[list[int], list[dict]]]:
+    """Add (request_id, prompt, SamplingParams) requests, step to the end: {request_id: (tokens, logprobs)}."""
+    out: dict[str, tuple[list[int], list[dict]]] = {}
+    for rid, prompt, sp in requests:
+        engine.add_request(rid, prompt, sp)
+    while engine.has_unfinished():
+        for d in engine.step():
+            tokens, lps = out.setdefault(d.request_id, ([], []))
+            tokens += d.token_ids
+            lps += d.logprobs or []
+    return out

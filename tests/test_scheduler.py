@@ -1,0 +1,222 @@
+"""Scheduler, allocator and engine bookkeeping without the model: a fake runner stands in for the device, so
+these tests compile nothing."""
+
+import types
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msjax.config import EngineConfig
+from msjax.engine.engine import Engine
+from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
+from msjax.engine.sequence import Status
+from msjax.errors import ConfigError
+from msjax.kv_cache import PageAllocator
+from msjax.runtime.sampler import Sampled
+from tests.model_utils import tiny_config
+
+VOCAB = 61
+
+
+class FakeRunner:
+    """Samples token (position of the sequence's last token * 7) % vocab: deterministic, batch-independent."""
+
+    def __init__(self):
+        self.batches = []
+
+    def run(self, batches):
+        return [[self._one(b) for b in node] for node in batches]
+
+    def _one(self, batch):
+        self.batches.append(batch)
+        last_positions = batch.positions[batch.logit_rows]
+        tokens = ((last_positions + 1) * 7 % VOCAB).astype(np.int32)
+        n = len(tokens)
+        return Sampled(tokens, np.zeros(n, np.float32), np.zeros((n, batch.num_logprobs), np.int32),
+                       np.zeros((n, batch.num_logprobs), np.float32))
+
+
+def make_engine(plan=None, **options) -> Engine:
+    cfg = dict(page_size=4, num_pages=16, max_num_seqs=4, max_num_batched_tokens=8, max_model_len=40)
+    cfg.update(options)
+    model = types.SimpleNamespace(cfg=tiny_config(vocab_size=VOCAB, max_position_embeddings=64))
+    return Engine(model, EngineConfig(**cfg), plan=plan, runner=FakeRunner(), eos_token_ids=())
+
+
+def run_all(engine: Engine) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            out.setdefault(d.request_id, []).extend(d.token_ids)
+    return out
+
+
+def check_pages(engine: Engine) -> None:
+    """Every used page belongs to exactly one running sequence of its replica, and covers its cached tokens."""
+    for r in engine.replicas:
+        owned = [p for s in r.scheduler.running for p in s.pages]
+        assert len(owned) == len(set(owned)) == r.allocator.num_used
+        for s in r.scheduler.running:
+            assert len(s.pages) * engine.config.page_size >= s.num_computed
+        assert all(not s.pages for s in r.scheduler.waiting)
+
+
+def no_leak(engine: Engine) -> bool:
+    return engine.num_free_pages() == engine.num_total_pages()
+
+
+def test_allocator_accounting():
+    a = PageAllocator(4)
+    pages = a.allocate(3)
+    assert a.num_free == 1 and not a.can_allocate(2)
+    a.free(pages[:2])
+    assert a.num_free == 3
+    with pytest.raises(ValueError, match="not allocated"):
+        a.free(pages[:1])
+
+
+def test_long_prompt_is_prefilled_in_chunks():
+    engine = make_engine()
+    engine.add_request("a", list(range(1, 20)), SamplingParams(max_tokens=2))
+    engine.step()
+    batch = engine.runner.batches[-1]
+    assert not batch.decode and (batch.positions >= 0).sum() == 8  # the token budget
+    run_all(engine)
+    assert engine.stats.num_partial_prefill_chunks == 2  # 19 tokens = 8 + 8 + 3
+
+
+def test_admission_waits_for_pages_and_seq_limit():
+    engine = make_engine(max_num_seqs=2, max_num_batched_tokens=40)
+    for i in range(3):
+        engine.add_request(str(i), [1, 2, 3], SamplingParams(max_tokens=3))
+    engine.step()
+    assert engine.num_running() == 2 and engine.num_waiting() == 1
+
+
+def test_preemption_takes_the_latest_and_recomputes_exactly():
+    # 16 pages of 4 tokens: four 12-token prompts growing to 28 tokens cannot all stay resident
+    alone = {}
+    for i in range(4):
+        e = make_engine(max_num_batched_tokens=16)
+        e.add_request(str(i), [i + 1] * 12, SamplingParams(max_tokens=16))
+        alone.update(run_all(e))
+    engine = make_engine(max_num_batched_tokens=16)
+    for i in range(4):
+        engine.add_request(str(i), [i + 1] * 12, SamplingParams(max_tokens=16))
+    together = run_all(engine)
+    assert engine.stats.num_preemptions > 0
+    assert together == alone
+    assert no_leak(engine)
+
+
+def test_abort_frees_pages_and_reports():
+    engine = make_engine()
+    engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=30))
+    engine.add_request("b", [1, 2], SamplingParams(max_tokens=30))
+    engine.step()
+    free = engine.num_free_pages()
+    assert engine.abort("a") and not engine.abort("nope")
+    assert engine.num_free_pages() > free
+    deltas = engine.step()
+    assert any(d.request_id == "a" and d.finish_reason == "abort" for d in deltas)
+    assert set(run_all(engine)) == {"b"}
+    assert no_leak(engine)
+
+
+def test_stop_token_and_length():
+    engine = make_engine()
+    # the fake runner samples (pos + 1) * 7 % 61: after a 3-token prompt the first token is 21
+    engine.add_request("stop", [5, 6, 7], SamplingParams(max_tokens=10, stop_token_ids=(28,)))
+    engine.add_request("len", [5, 6, 7], SamplingParams(max_tokens=3))
+    out = run_all(engine)
+    assert out["stop"] == [21, 28] and out["len"] == [21, 28, 35]
+
+
+def test_context_limit_finishes_with_length():
+    engine = make_engine(max_model_len=10)
+    engine.add_request("a", [1] * 8, SamplingParams(max_tokens=100))
+    assert len(run_all(engine)["a"]) == 2
+
+
+@pytest.mark.parametrize("prompt, sampling, field", [
+    ([], None, "prompt"),
+    ([1] * 40, None, "prompt"),  # no room within max_model_len=40
+    ([1, 99], None, "prompt"),  # outside the vocabulary
+    ("text", None, "prompt"),  # no tokenizer
+    ([1], "greedy", "sampling"),
+])
+def test_bad_requests_are_refused_and_others_keep_going(prompt, sampling, field):
+    engine = make_engine()
+    engine.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=4))
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request("bad", prompt, sampling)
+    assert err.value.field == field
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        engine.add_request("ok", [1], None)
+    assert run_all(engine)["ok"] == [21, 28, 35, 42]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-3), "max_tokens"), (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"),
+    (dict(logprobs=21), "logprobs"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-2]), "stop_token_ids"),
+])
+def test_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.field == field and isinstance(err.value, ValueError)
+
+
+def test_engine_config_must_hold_one_sequence():
+    with pytest.raises(ConfigError, match="num_pages"):
+        make_engine(num_pages=4, max_model_len=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(1, 30),
+                          st.integers(1, 12)), min_size=1, max_size=40))
+def test_no_page_leaks(ops):
+    engine = make_engine(num_pages=10)
+    ids = []
+    for n, (op, a, b) in enumerate(ops):
+        if op == "add":
+            engine.add_request(f"r{n}", [1 + a % 50] * a, SamplingParams(max_tokens=b))
+            ids.append(f"r{n}")
+        elif op == "abort" and ids:
+            engine.abort(ids[a % len(ids)])
+        else:
+            engine.step()
+        check_pages(engine)
+    run_all(engine)
+    assert no_leak(engine)
+    assert engine.num_running() == 0 and engine.num_waiting() == 0
+
+
+def test_data_parallel_replicas_and_micro_batches():
+    """Requests spread over attention replicas by free pages; each replica's batch splits into micro-batches;
+    the tokens are those of a single replica running everything."""
+    from msjax.config import DeploymentPlan
+    single = make_engine(num_pages=40, max_num_seqs=8, max_num_batched_tokens=64)
+    plan = DeploymentPlan(attention_nodes=2, expert_nodes=1, micro_batches=3)
+    split = make_engine(plan=plan, num_pages=20, max_num_seqs=8, max_num_batched_tokens=64)
+    for engine in (single, split):
+        for i in range(7):
+            engine.add_request(str(i), [i + 1] * (3 + i), SamplingParams(max_tokens=5 + i))
+    assert [len(r.scheduler.waiting) for r in split.replicas] == [4, 3]
+    first = {d.request_id: d.token_ids for d in split.step()}
+    # prefill: replica 0 has 4 sequences in 3 micro-batches, replica 1 has 3 in 3
+    assert len(split.runner.batches) == 6 and len(first) == 7
+    rest = run_all(split)
+    assert {rid: first[rid] + rest.get(rid, []) for rid in first} == run_all(single)
+    assert no_leak(split)
+    assert split.micro_batches == 3
+
+
+def test_m_larger_than_the_running_sequences():
+    from msjax.config import DeploymentPlan
+    engine = make_engine(plan=DeploymentPlan(micro_batches=4))
+    engine.add_request("only", [1, 2, 3], SamplingParams(max_tokens=3))
+    assert run_all(engine)["only"] == [21, 28, 35]
+    assert all((b.positions >= 0).any() for b in engine.runner.batches)  # no empty micro-batch ran
