@@ -1,7 +1,8 @@
 """msjax: MegaScale-Infer-style disaggregated MoE serving on JAX.
 
-Public API (serving arrives with its issue): `LLM`, `SamplingParams`, `Engine`, `EngineConfig`,
-`DeploymentPlan`, `plan` (the deployment-plan search), `ModelConfig`, `load_model`.
+Public API: `LLM`, `SamplingParams`, `Engine`, `EngineConfig`, `DeploymentPlan`, `plan` (the deployment-plan
+search), `ModelConfig`, `load_model`, and the server: `serve(ServeConfig(...))` (gRPC + OpenAI-compatible HTTP;
+imported on first use so that `import msjax` does not load gRPC).
 """
 
 from msjax.config import DeploymentPlan, EngineConfig, ModelConfig, RopeConfig
@@ -14,4 +15,14 @@ from msjax.planner import plan
 
 __all__ = ["LLM", "CheckpointError", "ConfigError", "DeploymentPlan", "Engine", "EngineConfig", "InvalidRequestError", "ModelConfig",
            "ModelTooLargeError", "RequestDelta", "RequestOutput", "RopeConfig", "SamplingParams",
-           "UnknownArchitectureError", "load_model", "plan"]
+           "ServeConfig", "UnknownArchitectureError", "load_model", "plan", "serve"]
+
+
+def __getattr__(name):
+    if name == "serve":
+        from serving.server import serve
+        return serve
+    if name == "ServeConfig":
+        from serving.config import ServeConfig
+        return ServeConfig
+    raise AttributeError(f"module 'msjax' has no attribute {name!r}")

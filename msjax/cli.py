@@ -1,6 +1,7 @@
 """The `msjax` command line (also `python -m msjax`).
 
     msjax generate --model tiny-moe --prompt "Beautiful is better than" --max-tokens 40
+    msjax serve                       # gRPC on 127.0.0.1:50051, OpenAI-compatible HTTP on 127.0.0.1:8000
 """
 
 from __future__ import annotations
@@ -90,6 +91,41 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from serving.config import ServeConfig
+    from serving.server import serve
+
+    overrides = {"model": args.model, "plan": args.plan, "host": args.host, "grpc_port": args.grpc_port,
+                 "http_port": args.http_port, "api_token": args.api_token, "tls_cert": args.tls_cert,
+                 "tls_key": args.tls_key, "warmup": args.warmup}
+    config = ServeConfig.load(args.config, **overrides) if args.config else \
+        ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
+    print(f"loading {config.model} (plan: {config.plan})", file=sys.stderr)
+    server = serve(config, progress=ProgressBar("loading weights"))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    host = server.grpc_address.rpartition(":")[0]
+    grpc_port = server.grpc_address.rpartition(":")[2]
+    print(f"msjax serving {config.name}\n"
+          f"  gRPC  {server.grpc_address}  (msjax.v1.Decode, health, reflection)\n"
+          f"  HTTP  {server.http_address}  (OpenAI-compatible /v1/completions, /v1/chat/completions, /metrics)\n"
+          f"try:\n"
+          f"  curl -s {server.http_address}/v1/completions -H 'Content-Type: application/json' "
+          f"""-d '{{"model": "{config.name}", "prompt": "Beautiful is better than", "max_tokens": 16, "temperature": 0}}'\n"""
+          f"  grpcurl -plaintext -d '{{\"prompt\": \"Beautiful is better than\", \"max_tokens\": 16, \"temperature\": 0}}' "
+          f"{server.grpc_address} msjax.v1.Decode/Generate\n"
+          f"  {sys.executable} -m serving.client --address {host}:{grpc_port} \"Beautiful is better than\"\n"
+          f"Ctrl-C stops (in-flight requests finish first).", flush=True)
+    stop.wait()
+    print("draining and stopping...", file=sys.stderr, flush=True)
+    server.stop()
+    return 0
+
+
 def _drain(engine):
     """Step until every request finished, yielding deltas as they come (so text streams)."""
     while engine.has_unfinished():
@@ -110,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--plan", help="a DeploymentPlan TOML file (default: one device, one program)")
     gen.add_argument("--trace", metavar="DIR", help="write the device timeline (JSON for Perfetto, PNG) to DIR")
     gen.set_defaults(run=_generate)
+    srv = sub.add_parser("serve", help="serve a model over gRPC and OpenAI-compatible HTTP")
+    srv.add_argument("--config", metavar="FILE.toml", help="a ServeConfig TOML file (flags override it)")
+    srv.add_argument("--model", help="HF checkpoint directory or preset name (default tiny-moe)")
+    srv.add_argument("--plan", help="a DeploymentPlan TOML file, 'default' (disaggregated over 8 devices) "
+                     "or 'colocated' (one device)")
+    srv.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    srv.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0: any free port)")
+    srv.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0: any free port; -1: off)")
+    srv.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' (default: off)")
+    srv.add_argument("--tls-cert", help="PEM certificate: TLS for gRPC and HTTP (with --tls-key)")
+    srv.add_argument("--tls-key", help="PEM private key")
+    srv.add_argument("--warmup", action="store_true", default=None,
+                     help="compile the decode shapes before accepting requests (slower start, faster first requests)")
+    srv.set_defaults(run=_serve)
     from msjax.planner.cli import add_parser as add_plan_parser
     add_plan_parser(sub)
     return parser

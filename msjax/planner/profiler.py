@@ -24,19 +24,24 @@ from msjax.models.programs import MoEModel
 from msjax.planner.profile import fit_linear
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, chain: int = 1) -> float:
+    """Median seconds per call. chain > 1 times `chain` calls dispatched back to back with one wait at the end:
+    the cost of a call inside the asynchronous host loop, where dispatch overlaps the previous call's work."""
     jax.block_until_ready(fn())  # compile and warm up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
+        for _ in range(chain - 1):
+            fn()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / chain)
     return statistics.median(times)
 
 
 def measure_layer_times(model: MoEModel, batches: list[int], context: int, repeats: int = 20,
-                        devices=None) -> dict[str, list[float]]:
-    """Seconds per layer of attention (with its combine) and of the expert node, for each decode batch."""
+                        devices=None, chain: int = 1) -> dict[str, list[float]]:
+    """Seconds per layer of attention (with its combine) and of the expert node, for each decode batch.
+    chain > 1 measures calls dispatched back to back (see `_median_seconds`), as the host loop issues them."""
     from msjax.runtime.disaggregated import (DisaggregatedRunner, attention_step, combine_step, embed_step,
                                              expert_step, head_step)
     cfg = model.cfg
@@ -70,12 +75,12 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
             runner.kv[0] = result[-1]
             return result[0]
 
-        out["attention_s"].append(_median_seconds(attention, repeats))
+        out["attention_s"].append(_median_seconds(attention, repeats, chain))
         out["expert_s"].append(_median_seconds(
-            lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,)), repeats))
+            lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,)), repeats, chain))
         outputs = expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))
         out["transfer_s"].append(_median_seconds(
-            lambda: (put(packets[0], emesh), put(outputs[0], amesh)), repeats) / 2)
+            lambda: (put(packets[0], emesh), put(outputs[0], amesh)), repeats, chain) / 2)
         tokens = put(jnp.zeros(b, jnp.int32), amesh)
         zeros_f, zeros_i = put(jnp.zeros(b, jnp.float32), amesh), put(jnp.zeros(b, jnp.int32), amesh)
 
@@ -84,8 +89,47 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
             return head_step(runner.attention_def, runner.attention_states[0], h0, h0, jnp.arange(b), zeros_f,
                              zeros_f + 1, zeros_i, zeros_i.astype(jnp.uint32), zeros_i, num_logprobs=0)
 
-        out["step_fixed_s"].append(_median_seconds(fixed, repeats))
+        out["step_fixed_s"].append(_median_seconds(fixed, repeats, chain))
     return out
+
+
+class _NoDeviceRunner:
+    """Stands in for the device: returns sampled tokens of the right shapes at once, so timing `Engine.step`
+    with it measures only the engine's host work (scheduling, batch building, post-processing)."""
+
+    def run(self, batches):
+        from msjax.runtime.sampler import Sampled
+
+        def sampled(b):
+            n = len(b.logit_rows)
+            return Sampled(np.ones(n, np.int32), np.zeros(n, np.float32), np.zeros((n, b.num_logprobs), np.int32),
+                           np.zeros((n, b.num_logprobs), np.float32))
+        return [[sampled(b) for b in node] for node in batches]
+
+
+def measure_host_seconds(model_cfg: ModelConfig, batch: int, context: int, m: int, steps: int = 20) -> float:
+    """Median seconds of the engine's host work in one decode step of `batch` sequences in m micro-batches
+    (T_host: what no device overlaps in the one-process loop)."""
+    import types
+
+    from msjax.engine.engine import Engine
+    from msjax.engine.sampling_params import SamplingParams
+    page_size = 16
+    cfg = EngineConfig(page_size=page_size, num_pages=batch * (context // page_size + 2), max_num_seqs=batch,
+                       max_num_batched_tokens=max(2048, context), max_model_len=context + steps + 2 * page_size)
+    engine = Engine(types.SimpleNamespace(cfg=model_cfg), cfg, plan=DeploymentPlan(1, 1, 1, 1, m),
+                    runner=_NoDeviceRunner(), eos_token_ids=())
+    sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(str(i), [(i * 7 + j) % model_cfg.vocab_size for j in range(context)], sp)
+    while engine.stats.num_decode_steps < 2:
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def fit(measured: dict[str, list[float]]):
@@ -99,16 +143,16 @@ def fit(measured: dict[str, list[float]]):
 
 
 def predicted_step_seconds(t_a, t_e, layers: int, batch: int, m: int, overlap: bool, t_c=None,
-                           t_o=None) -> float:
+                           t_o=None, t_host: float = 0.0) -> float:
     """One decode step of `batch` sequences in m micro-batches with one attention and one expert node.
 
     overlap=True is the paper's pipeline (Eq. 5). overlap=False is what one process of XLA:CPU devices does:
     the two groups share the cores, so every program and copy runs after the other. t_o (per micro-batch: embed,
-    head, sampling) is added once per micro-batch in both."""
+    head, sampling) is added once per micro-batch in both, t_host (the engine's host work per step) once."""
     b = batch / m
     a, e = t_a(b), t_e(b)
     c = t_c(b) if t_c is not None else 0.0
-    fixed = m * t_o(b) if t_o is not None else 0.0
+    fixed = (m * t_o(b) if t_o is not None else 0.0) + t_host
     if not overlap:
         return layers * m * (a + e + 2 * c) + fixed
     t_f = max(a, e)
@@ -125,4 +169,4 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
     return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
 
 
-__all__ = ["fit", "measure_layer_times", "predicted_step_seconds", "profile_toml", "ModelConfig"]
+__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "predicted_step_seconds", "profile_toml", "ModelConfig"]

@@ -1,0 +1,398 @@
+"""M2N round latency and throughput between processes on one host (paper §5; issue 5).
+
+One round: each of M sender processes sends one message of `bytes` to each of N receiver processes; the round
+ends when every receiver holds all of its M messages. Per round the latency is the last receiver's completion
+minus the first sender's start (CLOCK_MONOTONIC is shared by all processes); a barrier separates rounds, outside
+the timed window. GBps = M * N * bytes / p50 latency.
+
+Implementations, per transport:
+  msjax    the native M2N library (ffi/) through msjax.comm's ctypes layer: shm (slots + futex completion flags)
+           or tcp (header + valid bytes, receiver thread fills the registered slots).
+  bound    what the transport can do at best from Python: shm = one memcpy into a shared segment + a flag store,
+           one memcpy out (multiprocessing.shared_memory, spinning with sched_yield); tcp = raw sockets,
+           sendall / recv_into of the payload only (TCP_NODELAY). What perftest is to RDMA in the paper.
+  baseline the general-purpose library a Python user reaches for to move bytes between processes:
+           multiprocessing.connection from the standard library (AF_UNIX for the one-host "shm" row, AF_INET for
+           tcp; length-prefixed send_bytes / recv_bytes_into). torch.distributed (gloo) and MPI are not installed
+           here and ZeroMQ would be a new dependency, so the standard library is the honest stand-in.
+
+    python bench/m2n.py                 # the full matrix: 1x8, 4x4, 8x8 x 4 KiB..1 MiB x {shm, tcp} x 3 impls
+    python bench/m2n.py --quick         # 4 KiB and 256 KiB only, fewer rounds
+    python bench/m2n.py --json out.json
+
+Workers load msjax/comm/_lib.py by path (numpy + ctypes only), so up to 16 processes start quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import mmap
+import multiprocessing as mp
+import os
+import socket
+import struct
+import sys
+import time
+import uuid
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(1, 8), (4, 4), (8, 8)]
+SIZES = [4 << 10, 64 << 10, 256 << 10, 1 << 20]
+TRANSPORTS = ["shm", "tcp"]
+IMPLS = ["msjax", "bound", "baseline"]
+SLOT = 64  # bound shm: flag line before each slot
+
+
+def load_lib():
+    spec = importlib.util.spec_from_file_location("m2n_lib", ROOT / "msjax" / "comm" / "_lib.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rounds_for(nbytes: int, quick: bool) -> int:
+    n = 200 if nbytes <= 64 << 10 else 120 if nbytes <= 256 << 10 else 60
+    return n // 6 if quick else n
+
+
+# -- receivers and senders of each implementation: setup() -> address; round(r, nbytes) -----------------------
+
+class MsjaxReceiver:
+    def __init__(self, cfg, j):
+        self.lib = load_lib()
+        address = cfg["name"] if cfg["transport"] == "shm" else "127.0.0.1:0"
+        self.rx = self.lib.Receiver(cfg["transport"], address, j, cfg["M"], cfg["cap"], depth=2, timeout_s=60)
+        self.out = [np.empty(cfg["cap"], np.uint8) for _ in range(cfg["M"])]
+        self.addresses, self.cfg_cap = [o.ctypes.data for o in self.out], cfg["cap"]  # the binding's raw fast path
+        self.address = cfg["name"] if cfg["transport"] == "shm" else self.rx.address
+
+    def connect(self, addresses):
+        pass
+
+    def round(self, r, nbytes):
+        recv, cap = self.rx.recv_raw, self.cfg_cap
+        for s, address in enumerate(self.addresses):
+            recv(s, address, cap, layer=r)
+
+
+class MsjaxSender:
+    def __init__(self, cfg, i):
+        self.lib, self.cfg, self.i = load_lib(), cfg, i
+        self.buf = np.random.default_rng(i).integers(0, 256, cfg["cap"], dtype=np.uint8)
+        self.address = None
+
+    def connect(self, addresses):
+        self.tx = self.lib.Sender(self.cfg["transport"], addresses, self.i, self.cfg["cap"], timeout_s=60)
+
+    def round(self, r, nbytes):
+        n, send, address = self.cfg["N"], self.tx.send_raw, self.buf.ctypes.data
+        for k in range(n):
+            send((self.i + k) % n, address, nbytes, layer=r)
+
+
+def map_segment(path: Path, size: int, create: bool) -> mmap.mmap:
+    """A POSIX shared-memory segment (/dev/shm), mapped without multiprocessing's resource tracker."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+class BoundShmReceiver:
+    def __init__(self, cfg, j):
+        self.m, self.cap = cfg["M"], cfg["cap"]
+        self.path = Path("/dev/shm") / f"{cfg['name']}-b{j}"
+        self.map = map_segment(self.path, self.m * (SLOT + self.cap), create=True)
+        self.mem = np.frombuffer(self.map, np.uint8)
+        self.flags = [self.mem[s * (SLOT + self.cap):][:8].view(np.uint64) for s in range(self.m)]
+        self.slots = [self.mem[s * (SLOT + self.cap) + SLOT:][:self.cap] for s in range(self.m)]
+        self.out = [np.empty(self.cap, np.uint8) for _ in range(self.m)]
+        self.address = str(self.path)
+
+    def connect(self, addresses):
+        pass
+
+    def round(self, r, nbytes):
+        for s in range(self.m):
+            while self.flags[s][0] != r + 1:
+                os.sched_yield()
+            np.copyto(self.out[s][:nbytes], self.slots[s][:nbytes])
+
+    def close(self):
+        del self.flags, self.slots, self.mem
+        self.map.close()
+        self.path.unlink()
+
+
+class BoundShmSender:
+    def __init__(self, cfg, i):
+        self.cfg, self.i = cfg, i
+        self.buf = np.random.default_rng(i).integers(0, 256, cfg["cap"], dtype=np.uint8)
+        self.address = None
+
+    def connect(self, addresses):
+        cap = self.cfg["cap"]
+        self.maps = [map_segment(Path(a), self.cfg["M"] * (SLOT + cap), create=False) for a in addresses]
+        mems = [np.frombuffer(m, np.uint8) for m in self.maps]
+        base = self.i * (SLOT + cap)
+        self.flags = [m[base:][:8].view(np.uint64) for m in mems]
+        self.slots = [m[base + SLOT:][:cap] for m in mems]
+
+    def round(self, r, nbytes):
+        n = self.cfg["N"]
+        for k in range(n):
+            j = (self.i + k) % n
+            np.copyto(self.slots[j][:nbytes], self.buf[:nbytes])
+            self.flags[j][0] = r + 1  # x86 keeps the stores in order: the data is visible before the flag
+
+    def close(self):
+        del self.flags, self.slots
+        for m in self.maps:
+            m.close()
+
+
+class BoundTcpReceiver:
+    def __init__(self, cfg, j):
+        self.cfg = cfg
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.out = [np.empty(cfg["cap"], np.uint8) for _ in range(cfg["M"])]
+
+    def connect(self, addresses):
+        self.socks = [None] * self.cfg["M"]
+        for _ in range(self.cfg["M"]):
+            sock, _ = self.listener.accept()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s = struct.unpack("<I", sock.recv(4, socket.MSG_WAITALL))[0]
+            self.socks[s] = sock
+
+    def round(self, r, nbytes):
+        for sock, out in zip(self.socks, self.out):
+            view, got = memoryview(out)[:nbytes], 0
+            while got < nbytes:
+                got += sock.recv_into(view[got:])
+
+
+class BoundTcpSender:
+    def __init__(self, cfg, i):
+        self.cfg, self.i = cfg, i
+        self.buf = np.random.default_rng(i).integers(0, 256, cfg["cap"], dtype=np.uint8)
+        self.address = None
+
+    def connect(self, addresses):
+        self.socks = []
+        for address in addresses:
+            host, port = address.split(":")
+            sock = socket.create_connection((host, int(port)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(struct.pack("<I", self.i))
+            self.socks.append(sock)
+
+    def round(self, r, nbytes):
+        n = self.cfg["N"]
+        view = memoryview(self.buf)[:nbytes]
+        for k in range(n):
+            self.socks[(self.i + k) % n].sendall(view)
+
+
+class BaselineReceiver:
+    def __init__(self, cfg, j):
+        self.cfg = cfg
+        if cfg["transport"] == "shm":
+            self.listener = Listener(family="AF_UNIX")
+            self.address = self.listener.address
+        else:
+            self.listener = Listener(("127.0.0.1", 0), family="AF_INET")
+            self.address = "%s:%d" % self.listener.address
+        self.out = [bytearray(cfg["cap"]) for _ in range(cfg["M"])]
+
+    def connect(self, addresses):
+        self.conns = [None] * self.cfg["M"]
+        for _ in range(self.cfg["M"]):
+            conn = self.listener.accept()
+            self.conns[struct.unpack("<I", conn.recv_bytes())[0]] = conn
+
+    def round(self, r, nbytes):
+        for conn, out in zip(self.conns, self.out):
+            conn.recv_bytes_into(out)
+
+
+class BaselineSender:
+    def __init__(self, cfg, i):
+        self.cfg, self.i = cfg, i
+        self.buf = np.random.default_rng(i).integers(0, 256, cfg["cap"], dtype=np.uint8).tobytes()
+        self.address = None
+
+    def connect(self, addresses):
+        self.conns = []
+        for address in addresses:
+            if self.cfg["transport"] == "tcp":
+                host, port = address.split(":")
+                address = (host, int(port))
+            conn = Client(address)
+            conn.send_bytes(struct.pack("<I", self.i))
+            self.conns.append(conn)
+
+    def round(self, r, nbytes):
+        n = self.cfg["N"]
+        view = memoryview(self.buf)[:nbytes]
+        for k in range(n):
+            self.conns[(self.i + k) % n].send_bytes(view)
+
+
+ROLES = {
+    ("msjax", "shm"): (MsjaxSender, MsjaxReceiver), ("msjax", "tcp"): (MsjaxSender, MsjaxReceiver),
+    ("bound", "shm"): (BoundShmSender, BoundShmReceiver), ("bound", "tcp"): (BoundTcpSender, BoundTcpReceiver),
+    ("baseline", "shm"): (BaselineSender, BaselineReceiver), ("baseline", "tcp"): (BaselineSender, BaselineReceiver),
+}
+
+
+def worker(role: str, index: int, cfg: dict, barrier, pipe) -> None:
+    try:
+        sender_cls, receiver_cls = ROLES[(cfg["impl"], cfg["transport"])]
+        endpoint = (sender_cls if role == "sender" else receiver_cls)(cfg, index)
+        pipe.send(endpoint.address)
+        endpoint.connect(pipe.recv())
+        times = []
+        for nbytes in cfg["sizes"]:
+            stamps = []
+            for r in range(cfg["warmup"] + rounds_for(nbytes, cfg["quick"])):
+                barrier.wait(timeout=120)
+                start = time.monotonic_ns()
+                endpoint.round(len(times) * 1000 + r, nbytes)
+                stamps.append((start, time.monotonic_ns()))
+            times.append(stamps[cfg["warmup"]:])
+        barrier.wait(timeout=120)  # nobody tears down while a peer still reads
+        if hasattr(endpoint, "close"):
+            endpoint.close()
+        pipe.send(("ok", times))
+    except BaseException as e:  # reported by the parent, which aborts the barrier for everyone
+        pipe.send(("error", f"{role} {index}: {type(e).__name__}: {e}"))
+        barrier.abort()
+
+
+def run_config(transport: str, impl: str, m: int, n: int, sizes: list[int], quick: bool) -> list[dict]:
+    ctx = mp.get_context("fork")
+    cfg = dict(transport=transport, impl=impl, M=m, N=n, sizes=sizes, cap=max(sizes), quick=quick, warmup=3,
+               name=f"mb{uuid.uuid4().hex[:8]}")
+    barrier = ctx.Barrier(m + n)
+    procs, pipes = [], []
+    for role, count in (("receiver", n), ("sender", m)):
+        for index in range(count):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(role, index, cfg, barrier, child), daemon=True)
+            proc.start()
+            procs.append((role, proc))
+            pipes.append(parent)
+    try:
+        receiver_addresses = [pipes[j].recv() for j in range(n)]
+        for p in pipes[n:]:
+            p.recv()
+        for p in pipes:
+            p.send(receiver_addresses)
+        results = []
+        for p in pipes:
+            if not p.poll(600):
+                raise TimeoutError(f"{transport}/{impl} {m}x{n}: a worker did not finish")
+            results.append(p.recv())
+        errors = [r[1] for r in results if r[0] == "error"]
+        if errors:
+            raise RuntimeError(f"{transport}/{impl} {m}x{n}: " + "; ".join(errors))
+    finally:
+        for _, proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    rows = []
+    for k, nbytes in enumerate(sizes):
+        receivers = np.array([r[1][k] for r in results[:n]])  # [N, rounds, 2]
+        senders = np.array([r[1][k] for r in results[n:]])  # [M, rounds, 2]
+        latency_us = (receivers[:, :, 1].max(0) - senders[:, :, 0].min(0)) / 1e3
+        p50, p99 = np.percentile(latency_us, 50), np.percentile(latency_us, 99)
+        rows.append(dict(transport=transport, impl=impl, M=m, N=n, bytes=nbytes, p50_us=round(float(p50), 1),
+                         p99_us=round(float(p99), 1), GBps=round(m * n * nbytes / (p50 * 1e-6) / 1e9, 3),
+                         rounds=int(latency_us.size)))
+    return rows
+
+
+def summary(rows: list[dict], nbytes: int) -> list[str]:
+    """The issue's targets at `nbytes`: msjax vs bound (>= 70% throughput, p99 <= 1.5x) and vs baseline."""
+    lines = []
+    index = {(r["transport"], r["impl"], r["M"], r["N"], r["bytes"]): r for r in rows}
+    for r in rows:
+        if r["impl"] != "msjax" or r["bytes"] != nbytes:
+            continue
+        key = (r["transport"], r["M"], r["N"], nbytes)
+        bound, base = index.get((key[0], "bound", *key[1:])), index.get((key[0], "baseline", *key[1:]))
+        if bound and base:
+            lines.append(f"- {r['transport']} {r['M']}x{r['N']} @ {nbytes >> 10} KiB: throughput "
+                         f"{r['GBps'] / bound['GBps']:.0%} of bound, p99 {r['p99_us'] / bound['p99_us']:.2f}x "
+                         f"bound's; vs baseline {r['GBps'] / base['GBps']:.2f}x throughput, "
+                         f"p99 {base['p99_us'] / r['p99_us']:.2f}x lower")
+    return lines
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 KiB and 256 KiB only, fewer rounds")
+    parser.add_argument("--transports", nargs="+", default=TRANSPORTS, choices=TRANSPORTS)
+    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--shapes", nargs="+", default=[f"{m}x{n}" for m, n in SHAPES])
+    parser.add_argument("--json", type=Path, help="also write the rows to this file as a JSON list")
+    parser.add_argument("--no-write", action="store_true", help="print only; no file under bench/results/")
+    args = parser.parse_args(argv)
+    sizes = [4 << 10, 256 << 10] if args.quick else SIZES
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    rows, start, load_before = [], time.monotonic(), os.getloadavg()[0]
+    for transport in args.transports:
+        for m, n in shapes:
+            for impl in args.impls:
+                t0 = time.monotonic()
+                new = run_config(transport, impl, m, n, sizes, args.quick)
+                rows += new
+                print(f"{transport:4s} {impl:8s} {m}x{n}: " + ", ".join(
+                    f"{r['bytes'] >> 10}K p50 {r['p50_us']:.0f}us p99 {r['p99_us']:.0f}us {r['GBps']:.2f}GB/s"
+                    for r in new) + f"  ({time.monotonic() - t0:.1f}s)", flush=True)
+    ratios = summary(rows, 256 << 10)
+    print("\n".join(ratios))
+    print(f"total {time.monotonic() - start:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps([{k: r[k] for k in ("transport", "impl", "M", "N", "bytes", "p50_us",
+                                                             "p99_us", "GBps")} for r in rows], indent=1) + "\n")
+    if not args.no_write:
+        sys.path.insert(0, str(ROOT))
+        from bench.common import write_results
+        cores = os.cpu_count()
+        notes = "\n".join([
+            f"One M2N round = every sender sends one message to every receiver; latency = last receiver done - "
+            f"first sender start; GBps = M*N*bytes / p50. Processes on one host ({cores} cores), loopback for "
+            f"tcp. **Oversubscribed**: up to {max(m + n for m, n in shapes)} processes share {cores} cores "
+            f"(and the machine was shared with other work: 1-minute load average {load_before:.1f} before the "
+            f"run, {os.getloadavg()[0]:.1f} after), so waits include scheduler delays; 8x8 numbers mostly "
+            f"measure the scheduler. p99 over {rounds_for(1 << 20, args.quick)}-{rounds_for(4096, args.quick)} "
+            f"rounds per size is close to the maximum.",
+            "",
+            "msjax: the native library driven from Python through its ctypes binding (one call per message, "
+            "~2 µs each; slot ring depth 2), not through the in-program FFI custom calls. bound: shm = memcpy "
+            "into a shared segment + flag store, memcpy out (numpy, polling with sched_yield); tcp = raw sockets "
+            "(sendall / recv_into, payload only). baseline: multiprocessing.connection (stdlib; AF_UNIX for shm, "
+            "AF_INET for tcp) — torch/gloo and MPI are not installed, ZeroMQ would be a new dependency.",
+            "", "Targets at 256 KiB (issue 5: >= 70% of bound's throughput, p99 <= 1.5x bound's, better than "
+            "baseline):", "", *ratios])
+        columns = [("transport", "transport"), ("impl", "impl"), ("M", "M"), ("N", "N"), ("bytes", "bytes"),
+                   ("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("GBps", "GB/s"), ("rounds", "rounds")]
+        print("wrote", write_results("m2n", rows, columns, notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Load test of the decode service: N concurrent streaming clients over gRPC or HTTP (SSE).
+
+    .venv/bin/python -m bench.serve_load                        # starts `msjax serve` (default plan), both protocols
+    .venv/bin/python -m bench.serve_load --clients 1,4,16 --protocol grpc --requests 64
+    .venv/bin/python -m bench.serve_load --grpc-address 127.0.0.1:50051 --http-address http://127.0.0.1:8000
+
+Without addresses the server runs as a separate process (so the clients do not share its interpreter lock) with
+`--warmup`, and each concurrency level first runs a warm-up round. Every request streams `--max-tokens` tokens
+(ignore_eos) from a prompt of the Zen of Python. Reported per protocol and concurrency: output tokens/s, requests/s,
+time to first token (TTFT) and time per output token after the first (TPOT), p50 and p99. Results go to
+bench/results/serve-load-<hardware>-<date>.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _zen() -> str:
+    import this  # noqa: F401 - prints the Zen on import; silenced below
+    return codecs.decode(this.s, "rot13")
+
+
+def grpc_stream(address: str, prompt: str, max_tokens: int, timeout: float):
+    """Yield (time, number of new tokens) per streamed response."""
+    import grpc
+
+    from serving.proto.msjax.v1 import decode_pb2, decode_pb2_grpc
+    channel = getattr(_local, "channel", None)
+    if channel is None:
+        channel = _local.channel = grpc.insecure_channel(address)
+        _local.stub = decode_pb2_grpc.DecodeStub(channel)
+    request = decode_pb2.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for response in _local.stub.Generate(request, timeout=timeout):
+        yield time.perf_counter(), len(response.token_ids)
+
+
+def http_stream(address: str, prompt: str, max_tokens: int, timeout: float):
+    url = urllib.parse.urlparse(address)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+    for line in response:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):  # the final usage chunk: the token count so far is exact
+            continue
+        # SSE chunks carry text; a chunk that holds back a partial character still stands for one step's token
+        yield time.perf_counter(), 1
+    conn.close()
+
+
+_local = threading.local()
+
+
+def run_level(protocol: str, address: str, clients: int, requests: int, prompt: str, max_tokens: int,
+              timeout: float) -> dict:
+    stream = grpc_stream if protocol == "grpc" else http_stream
+    lock = threading.Lock()
+    remaining = [requests]
+    ttft, tpot, tokens, errors = [], [], [0], []
+
+    def client():
+        while True:
+            with lock:
+                if remaining[0] == 0:
+                    return
+                remaining[0] -= 1
+            start = time.perf_counter()
+            times = []
+            try:
+                for t, n in stream(address, prompt, max_tokens, timeout):
+                    times += [t] * n
+            except Exception as err:  # noqa: BLE001 - counted, reported
+                errors.append(repr(err))
+                continue
+            with lock:
+                tokens[0] += len(times)
+                if times:
+                    ttft.append(times[0] - start)
+                if len(times) > 1:
+                    tpot.append((times[-1] - times[0]) / (len(times) - 1))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        print(f"  {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
+    ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
+    return {"protocol": protocol, "clients": clients, "requests": requests - len(errors), "errors": len(errors),
+            "tokens_per_s": round(tokens[0] / wall, 1), "requests_per_s": round((requests - len(errors)) / wall, 2),
+            "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "tpot_p50_ms": ms(tpot, 50),
+            "tpot_p99_ms": ms(tpot, 99), "wall_s": round(wall, 2)}
+
+
+def start_server(args) -> tuple[subprocess.Popen, str, str]:
+    cmd = [sys.executable, "-m", "msjax", "serve", "--grpc-port", "0", "--http-port", "0", "--warmup"]
+    if args.plan:
+        cmd += ["--plan", args.plan]
+    if args.config:
+        cmd += ["--config", args.config]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    grpc_address = http_address = None
+    for line in proc.stdout:
+        if line.strip().startswith("gRPC"):
+            grpc_address = line.split()[1]
+        if line.strip().startswith("HTTP"):
+            http_address = line.split()[1]
+        if "Ctrl-C" in line:
+            break
+    if proc.poll() is not None or grpc_address is None:
+        raise RuntimeError("the server did not start")
+    return proc, grpc_address, http_address
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=("grpc", "http", "both"), default="both")
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument("--requests", type=int, default=48, help="measured requests per level")
+    parser.add_argument("--warmup-requests", type=int, default=None,
+                        help="unmeasured requests per level first (default: 2x clients, so arrivals stagger and "
+                             "the step shapes of mixed batches compile before the measurement)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--grpc-address", help="an already running server (default: start one)")
+    parser.add_argument("--http-address")
+    parser.add_argument("--plan", help="plan for the started server (default: msjax serve's default)")
+    parser.add_argument("--config", help="ServeConfig TOML for the started server")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no results file")
+    args = parser.parse_args(argv)
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the started server is stopped too
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        prompt = _zen().splitlines()[2]  # "Beautiful is better than ugly."
+    proc = None
+    grpc_address, http_address = args.grpc_address, args.http_address
+    if grpc_address is None and http_address is None:
+        print("starting msjax serve (with --warmup)...", file=sys.stderr)
+        proc, grpc_address, http_address = start_server(args)
+    load_before = os.getloadavg()[0]
+    protocols = ["grpc", "http"] if args.protocol == "both" else [args.protocol]
+    rows = []
+    try:
+        for protocol in protocols:
+            address = grpc_address if protocol == "grpc" else http_address
+            if address is None:
+                continue
+            for clients in [int(c) for c in args.clients.split(",")]:
+                run_level(protocol, address, clients, args.warmup_requests or 2 * clients, prompt, args.max_tokens,
+                          args.timeout)  # warm-up, unmeasured
+                row = run_level(protocol, address, clients, max(args.requests, clients), prompt, args.max_tokens,
+                                args.timeout)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    if not args.no_write and rows:
+        from bench.common import write_results
+        columns = [("protocol", "protocol"), ("clients", "clients"), ("requests", "requests"),
+                   ("tokens_per_s", "output tok/s"), ("requests_per_s", "req/s"), ("ttft_p50_ms", "TTFT p50 ms"),
+                   ("ttft_p99_ms", "TTFT p99 ms"), ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p99_ms", "TPOT p99 ms"),
+                   ("errors", "errors")]
+        where = "a running server" if proc is None else \
+            f"`msjax serve --warmup{' --plan ' + args.plan if args.plan else ''}` (default: tiny-moe, disaggregated " \
+            "plan 2 attention nodes x 2 devices + 4 expert nodes, m = 2, on 8 XLA host devices)"
+        notes = (f"Server: {where}. Each request streams {args.max_tokens} tokens (greedy, ignore_eos) from a "
+                 f"{len(prompt)}-character prompt; each level first runs {args.warmup_requests or '2x clients'} "
+                 "unmeasured requests (first-seen step shapes compile there, not in the measurement). Clients are threads of "
+                 "a separate process on the same machine. TTFT is measured from sending the request; TPOT is the "
+                 "mean gap between a request's tokens after its first. Other work shared the machine: 1-minute "
+                 f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores).")
+        print(f"wrote {write_results('serve-load', rows, columns, notes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+// Shared-memory transport: each receiver owns one POSIX shared-memory segment holding its receive region; a
+// sender maps every receiver's segment and writes header and payload straight into its slot, then raises the
+// slot's flag (a futex word, so a waiting receiver sleeps instead of spinning). The receiver copies out once.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+#include "transports/transport.h"
+
+namespace m2n {
+namespace {
+
+std::string SegmentName(const std::string& channel, uint32_t receiver) {
+  return "/msjax-m2n-" + channel + "-r" + std::to_string(receiver);
+}
+
+Status SysError(const std::string& what) { return Error(Code::kInternal, what + ": " + std::strerror(errno)); }
+
+// True when `pid` has exited: no such process, or a zombie its parent has not reaped yet.
+bool ProcessGone(int32_t pid) {
+  if (pid <= 0) return false;
+  if (kill(pid, 0) != 0) return errno == ESRCH;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return false;
+  char line[512];
+  size_t n = std::fread(line, 1, sizeof(line) - 1, f);
+  std::fclose(f);
+  line[n] = '\0';
+  const char* paren = std::strrchr(line, ')');  // "pid (comm) state ...": comm may hold spaces
+  return paren != nullptr && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+
+Status CheckChannelName(const std::string& name) {
+  if (name.empty() || name.size() > 200 || name.find('/') != std::string::npos) {
+    return Error(Code::kInvalidArgument, "shm channel name must be 1-200 characters without '/', got '" + name + "'");
+  }
+  return Status::Ok();
+}
+
+struct Mapping {
+  void* memory = MAP_FAILED;
+  uint64_t bytes = 0;
+  ~Mapping() {
+    if (memory != MAP_FAILED) munmap(memory, bytes);
+  }
+};
+
+class ProcessAlive : public PeerCheck {
+ public:
+  ProcessAlive(const std::atomic<int32_t>* pid, std::string who) : pid_(pid), who_(std::move(who)) {}
+  ProcessAlive(int32_t pid, std::string who) : fixed_pid_(pid), who_(std::move(who)) {}
+  Status Check() const override {
+    int32_t pid = pid_ != nullptr ? pid_->load(std::memory_order_relaxed) : fixed_pid_;
+    if (ProcessGone(pid)) return Error(Code::kUnavailable, who_ + " (pid " + std::to_string(pid) + ") has exited");
+    return Status::Ok();
+  }
+
+ private:
+  const std::atomic<int32_t>* pid_ = nullptr;  // attached later (a sender's pid, written when it attaches)
+  int32_t fixed_pid_ = 0;
+  std::string who_;
+};
+
+class ShmReceiver : public RecvEndpoint {
+ public:
+  explicit ShmReceiver(EndpointSpec spec) : RecvEndpoint(std::move(spec)) {}
+  ~ShmReceiver() override {
+    if (!name_.empty()) shm_unlink(name_.c_str());
+  }
+
+  Status Open() {
+    if (Status s = CheckChannelName(spec_.addresses[0]); !s.ok()) return s;
+    name_ = SegmentName(spec_.addresses[0], spec_.index);
+    Geometry g{spec_.num_peers, spec_.depth, spec_.capacity};
+    map_.bytes = Mailbox::RegionBytes(g);
+    shm_unlink(name_.c_str());  // a segment left by a crashed run of the same channel
+    int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) {
+      std::string name = name_;
+      name_.clear();
+      return SysError("shm_open " + name);
+    }
+    if (ftruncate(fd, static_cast<off_t>(map_.bytes)) != 0) {
+      close(fd);
+      return SysError("ftruncate " + name_);
+    }
+    map_.memory = mmap(nullptr, map_.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map_.memory == MAP_FAILED) return SysError("mmap " + name_);
+    if (Status s = Mailbox::Init(map_.memory, map_.bytes, g, spec_.index); !s.ok()) return s;
+    if (Status s = Mailbox::Attach(map_.memory, map_.bytes, &mailbox_); !s.ok()) return s;
+    for (uint32_t i = 0; i < spec_.num_peers; ++i) {
+      checks_.emplace_back(&mailbox_.region()->sender_pids[i], "M2N sender " + std::to_string(i));
+    }
+    return Status::Ok();
+  }
+  std::string address() const override { return name_; }
+
+ protected:
+  const PeerCheck* peer_check(uint32_t sender) const override { return &checks_[sender]; }
+
+ private:
+  std::string name_;
+  Mapping map_;
+  std::vector<ProcessAlive> checks_;
+};
+
+class ShmSender : public SendEndpoint {
+ public:
+  explicit ShmSender(EndpointSpec spec) : SendEndpoint(std::move(spec)), maps_(spec_.num_peers),
+                                          boxes_(spec_.num_peers) {}
+
+  Status Open() {
+    auto deadline = DeadlineAfter(spec_.timeout_s);
+    for (uint32_t r = 0; r < spec_.num_peers; ++r) {
+      if (Status s = CheckChannelName(spec_.addresses[r]); !s.ok()) return s;
+      std::string name = SegmentName(spec_.addresses[r], r);
+      Status last;
+      while (true) {  // the receiver may not have created its segment yet
+        last = TryAttach(r, name);
+        if (last.ok() || last.code != Code::kUnavailable) break;
+        if (Clock::now() >= deadline) {
+          return Error(Code::kDeadlineExceeded, "M2N shm receiver " + std::to_string(r) + " (" + name +
+                                                    ") did not appear within " + std::to_string(spec_.timeout_s) +
+                                                    " s: " + last.message);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+      if (!last.ok()) return last;
+      RegionHeader* region = boxes_[r].region();
+      if (spec_.index >= region->num_senders) {
+        return Error(Code::kInvalidArgument, "sender index " + std::to_string(spec_.index) + " out of range: " +
+                                                 name + " was set up for " + std::to_string(region->num_senders) +
+                                                 " senders");
+      }
+      if (boxes_[r].geometry().capacity < spec_.capacity) spec_.capacity = boxes_[r].geometry().capacity;
+      region->sender_pids[spec_.index].store(static_cast<int32_t>(getpid()), std::memory_order_relaxed);
+      checks_.emplace_back(region->receiver_pid, "M2N receiver " + std::to_string(r));
+    }
+    return Status::Ok();
+  }
+
+ protected:
+  Status Write(uint32_t receiver, const MessageHeader& header, const void* data,
+               Clock::time_point deadline) override {
+    const Mailbox& box = boxes_[receiver];
+    if (header.nbytes > box.geometry().capacity) {
+      return Error(Code::kInvalidArgument, "message exceeds the receiver's slot capacity");
+    }
+    if (Status s = box.WaitWritable(header.sender, header.seq, deadline, &checks_[receiver]); !s.ok()) return s;
+    std::memcpy(box.payload(header.sender, header.seq), data, header.nbytes);
+    std::memcpy(box.header(header.sender, header.seq), &header, sizeof(header));
+    box.Publish(header.sender, header.seq);
+    return Status::Ok();
+  }
+
+ private:
+  Status TryAttach(uint32_t r, const std::string& name) {
+    int fd = shm_open(name.c_str(), O_RDWR, 0600);
+    if (fd < 0) {
+      if (errno == ENOENT) return Error(Code::kUnavailable, "segment does not exist yet");
+      return SysError("shm_open " + name);
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+      close(fd);
+      return SysError("fstat " + name);
+    }
+    if (st.st_size < static_cast<off_t>(sizeof(RegionHeader))) {
+      close(fd);
+      return Error(Code::kUnavailable, "segment not sized yet");
+    }
+    Mapping& map = maps_[r];
+    if (map.memory != MAP_FAILED) munmap(map.memory, map.bytes);
+    map.bytes = static_cast<uint64_t>(st.st_size);
+    map.memory = mmap(nullptr, map.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map.memory == MAP_FAILED) return SysError("mmap " + name);
+    return Mailbox::Attach(map.memory, map.bytes, &boxes_[r]);
+  }
+
+  std::vector<Mapping> maps_;
+  std::vector<Mailbox> boxes_;
+  std::vector<ProcessAlive> checks_;
+};
+
+}  // namespace
+
+Status OpenShmReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out) {
+  auto endpoint = std::make_unique<ShmReceiver>(spec);
+  if (Status s = endpoint->Open(); !s.ok()) return s;
+  *out = std::move(endpoint);
+  return Status::Ok();
+}
+
+Status OpenShmSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out) {
+  auto endpoint = std::make_unique<ShmSender>(spec);
+  if (Status s = endpoint->Open(); !s.ok()) return s;
+  *out = std::move(endpoint);
+  return Status::Ok();
+}
+
+}  // namespace m2n

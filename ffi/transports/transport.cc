@@ -1,0 +1,64 @@
+#include "transports/transport.h"
+
+namespace m2n {
+
+Status SendEndpoint::Send(uint32_t receiver, uint32_t layer, uint32_t micro_batch, const void* data,
+                          uint64_t nbytes, double timeout_s) {
+  if (receiver >= spec_.num_peers) {
+    return Error(Code::kInvalidArgument, "receiver " + std::to_string(receiver) + " out of range [0, " +
+                                             std::to_string(spec_.num_peers) + ")");
+  }
+  if (nbytes > spec_.capacity) {
+    return Error(Code::kInvalidArgument, "message of " + std::to_string(nbytes) +
+                                             " bytes exceeds the slot capacity " + std::to_string(spec_.capacity));
+  }
+  MessageHeader header{kMessageMagic, spec_.index, layer, micro_batch, next_seq_[receiver], nbytes};
+  Status status = Write(receiver, header, data, DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s));
+  if (status.ok()) ++next_seq_[receiver];
+  return status;
+}
+
+Status RecvEndpoint::Recv(uint32_t sender, uint32_t layer, uint32_t micro_batch, void* out, uint64_t out_capacity,
+                          uint64_t* nbytes, double timeout_s) {
+  if (sender >= spec_.num_peers) {
+    return Error(Code::kInvalidArgument, "sender " + std::to_string(sender) + " out of range [0, " +
+                                             std::to_string(spec_.num_peers) + ")");
+  }
+  if (!broken_[sender].ok()) return broken_[sender];
+  Expectation expect{sender, spec_.num_peers, expected_seq_[sender], layer, micro_batch, spec_.capacity};
+  Status status = mailbox_.Receive(expect, out, out_capacity, nbytes,
+                                   DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s), peer_check(sender));
+  if (status.ok() || status.code == Code::kDataLoss) OnConsumed(sender, expected_seq_[sender]);
+  if (status.ok()) {
+    ++expected_seq_[sender];
+  } else if (status.code == Code::kDataLoss) {
+    broken_[sender] = Error(status.code, "channel from sender " + std::to_string(sender) +
+                                             " is broken: " + status.message);
+  }
+  return status;
+}
+
+Status OpenSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out) {
+  if (spec.addresses.size() != spec.num_peers) {
+    return Error(Code::kInvalidArgument, "a sender needs one address per receiver: got " +
+                                             std::to_string(spec.addresses.size()) + " for " +
+                                             std::to_string(spec.num_peers) + " receivers");
+  }
+  if (spec.transport == "shm") return OpenShmSender(spec, out);
+  if (spec.transport == "tcp") return OpenTcpSender(spec, out);
+  return Error(Code::kInvalidArgument, "unknown M2N transport '" + spec.transport + "' (expected shm or tcp)");
+}
+
+Status OpenReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out) {
+  if (spec.addresses.size() != 1) {
+    return Error(Code::kInvalidArgument, "a receiver needs exactly one address (shm: channel name, tcp: host:port)");
+  }
+  if (spec.num_peers == 0 || spec.num_peers > kMaxSenders) {
+    return Error(Code::kInvalidArgument, "num_senders must be in [1, 256]");
+  }
+  if (spec.transport == "shm") return OpenShmReceiver(spec, out);
+  if (spec.transport == "tcp") return OpenTcpReceiver(spec, out);
+  return Error(Code::kInvalidArgument, "unknown M2N transport '" + spec.transport + "' (expected shm or tcp)");
+}
+
+}  // namespace m2n

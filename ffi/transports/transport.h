@@ -1,0 +1,81 @@
+// The one interface every M2N transport implements. A sender endpoint is sender `index` of M talking to N
+// receivers; a receiver endpoint is receiver `index` of N holding one pre-registered region with a slot ring for
+// each of its M senders. Both keep one sequence counter per channel and nothing else: no group set-up per
+// message, no synchronisation beyond the completion flags in the receiver's region.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/m2n.h"
+
+namespace m2n {
+
+struct EndpointSpec {
+  std::string transport;               // "shm" | "tcp" (| "verbs", set up through VerbsEndpoint)
+  uint32_t index = 0;                  // this endpoint's index among the senders (or receivers)
+  uint32_t num_peers = 1;              // receivers for a sender, senders for a receiver
+  uint32_t depth = 4;                  // ring slots per sender
+  uint64_t capacity = 1 << 20;         // bytes per slot
+  double timeout_s = 10.0;             // default for send / receive / connect
+  // Receivers: shm -> the channel name (segment "/msjax-m2n-<name>-r<index>"); tcp -> "host:port" to bind
+  // (port 0 picks one; address() tells which). Senders: one address per receiver, in receiver order.
+  std::vector<std::string> addresses;
+};
+
+class SendEndpoint {
+ public:
+  virtual ~SendEndpoint() = default;
+  // Sends `nbytes` of `data` to `receiver`, tagged (layer, micro_batch). Returns when the bytes are in the
+  // receiver's slot (shm) or handed to the kernel (tcp); the receiver's completion flag tells it the rest.
+  Status Send(uint32_t receiver, uint32_t layer, uint32_t micro_batch, const void* data, uint64_t nbytes,
+              double timeout_s = -1);
+  uint32_t index() const { return spec_.index; }
+  uint32_t num_receivers() const { return spec_.num_peers; }
+  const EndpointSpec& spec() const { return spec_; }
+
+ protected:
+  explicit SendEndpoint(EndpointSpec spec) : spec_(std::move(spec)), next_seq_(spec_.num_peers, 0) {}
+  virtual Status Write(uint32_t receiver, const MessageHeader& header, const void* data,
+                       Clock::time_point deadline) = 0;
+  EndpointSpec spec_;
+  std::vector<uint64_t> next_seq_;
+};
+
+class RecvEndpoint {
+ public:
+  virtual ~RecvEndpoint() = default;
+  // Waits for the next message from `sender`, which must be tagged (layer, micro_batch), and copies its payload
+  // into `out` (at most `out_capacity` bytes). A malformed message breaks the channel: this and every later
+  // receive from that sender fail with the first error.
+  Status Recv(uint32_t sender, uint32_t layer, uint32_t micro_batch, void* out, uint64_t out_capacity,
+              uint64_t* nbytes, double timeout_s = -1);
+  virtual std::string address() const = 0;
+  uint32_t index() const { return spec_.index; }
+  uint32_t num_senders() const { return spec_.num_peers; }
+  uint64_t capacity() const { return spec_.capacity; }
+  const Mailbox& mailbox() const { return mailbox_; }
+
+ protected:
+  explicit RecvEndpoint(EndpointSpec spec)
+      : spec_(std::move(spec)), expected_seq_(spec_.num_peers, 0), broken_(spec_.num_peers) {}
+  virtual const PeerCheck* peer_check(uint32_t sender) const = 0;
+  // Called once the slot of (sender, seq) is free again (verbs returns a credit to the sender).
+  virtual void OnConsumed(uint32_t sender, uint64_t seq) {}
+  EndpointSpec spec_;
+  Mailbox mailbox_;
+  std::vector<uint64_t> expected_seq_;
+  std::vector<Status> broken_;
+};
+
+Status OpenSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);
+Status OpenReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out);
+
+// Per transport (transports/shm.cc, transports/tcp.cc).
+Status OpenShmSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);
+Status OpenShmReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out);
+Status OpenTcpSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);
+Status OpenTcpReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out);
+
+}  // namespace m2n

@@ -1,0 +1,92 @@
+"""The native M2N library (ffi/) from Python: endpoints through ctypes, and the `m2n_send` / `m2n_recv` XLA FFI
+custom calls that move a packet's valid rows from inside a jitted program.
+
+    rx = Receiver("shm", "demo", index=0, num_senders=1, capacity=1 << 20)       # process B
+    tx = Sender("shm", ["demo"], index=0, capacity=1 << 20)                       # process A
+    jax.jit(lambda rows, n: m2n_send(rows, n, tx, receiver=0, layer=3))(rows, n)  # A: only rows[:n] travel
+    rows, n = jax.jit(lambda: m2n_recv(rx, sender=0, layer=3, like=rows))()       # B
+
+A sender's addresses are one per receiver: the channel name for shm (every receiver of a channel shares it),
+"host:port" for tcp (`Receiver.address` after binding port 0). Sequence numbers are per (sender, receiver)
+channel, so both sides must issue their sends and receives of a channel in the same order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msjax.comm._lib import (CUDA_LIBRARY, LIBRARY, TRANSPORTS, LibraryNotBuilt, M2NError, M2NTimeout, Receiver,
+                             Sender, VerbsReceiver, VerbsSender, _candidates, has_verbs, header_bytes, is_built,
+                             library, message_magic, validate_header, verbs_conninfo_roundtrip, verbs_devices,
+                             verbs_imm)
+
+__all__ = ["CUDA_LIBRARY", "LIBRARY", "TRANSPORTS", "LibraryNotBuilt", "M2NError", "M2NTimeout", "Receiver", "Sender",
+           "VerbsReceiver", "VerbsSender", "has_verbs", "header_bytes", "is_built", "library", "m2n_recv",
+           "m2n_send", "message_magic", "register_ffi_targets", "validate_header", "verbs_conninfo_roundtrip",
+           "verbs_devices", "verbs_imm"]
+
+
+# -- XLA FFI ---------------------------------------------------------------------------------------------------
+
+_registered: set[str] = set()
+
+
+def register_ffi_targets() -> None:
+    """Registers m2n_send / m2n_recv with XLA for the CPU platform (and CUDA when the CUDA variant is built and a
+    GPU backend exists). Idempotent."""
+    if "cpu" not in _registered:
+        lib = library()
+        jax.ffi.register_ffi_target("m2n_send", jax.ffi.pycapsule(lib.M2nSend), platform="cpu")
+        jax.ffi.register_ffi_target("m2n_recv", jax.ffi.pycapsule(lib.M2nRecv), platform="cpu")
+        _registered.add("cpu")
+    if "cuda" not in _registered and _has_gpu():
+        path = next((p for p in _candidates(CUDA_LIBRARY) if p.is_file()), None)
+        if path is not None:
+            library()  # the CUDA handlers link against the core library
+            cuda = ctypes.CDLL(str(path))
+            jax.ffi.register_ffi_target("m2n_send", jax.ffi.pycapsule(cuda.M2nSendCuda), platform="CUDA")
+            jax.ffi.register_ffi_target("m2n_recv", jax.ffi.pycapsule(cuda.M2nRecvCuda), platform="CUDA")
+        _registered.add("cuda")
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def _tag(layer, micro_batch) -> jax.Array:
+    """(layer, micro-batch) as an int32 [2] operand: Python ints or traced scalars (one program, every layer)."""
+    return jnp.stack([jnp.asarray(layer, jnp.int32).reshape(()), jnp.asarray(micro_batch, jnp.int32).reshape(())])
+
+
+def m2n_send(rows: jax.Array, count: jax.Array, sender: Sender, *, receiver: int, layer: int | jax.Array = 0,
+             micro_batch: int | jax.Array = 0, timeout_s: float | None = None) -> jax.Array:
+    """Sends rows[:count] of a packet buffer rows [capacity, ...] to `receiver`, from inside a jitted program,
+    tagged (layer, micro_batch) — ints or traced int32 scalars. Returns `count` as an int32 scalar, to order later
+    work (e.g. `m2n_recv(after=...)`) after the send."""
+    register_ffi_targets()
+    call = jax.ffi.ffi_call("m2n_send", jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True)
+    return call(rows, jnp.asarray(count, jnp.int32).reshape(()), _tag(layer, micro_batch),
+                handle=np.int64(sender.handle), receiver=np.int32(receiver),
+                timeout_s=np.float32(sender.timeout_s if timeout_s is None else timeout_s))
+
+
+def m2n_recv(receiver: Receiver, *, sender: int, like: jax.ShapeDtypeStruct | jax.Array,
+             layer: int | jax.Array = 0, micro_batch: int | jax.Array = 0, timeout_s: float | None = None,
+             after: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Receives the next packet from `sender` into a buffer shaped like `like` [capacity, ...]: (rows, count),
+    rows past `count` zero. The message must be tagged (layer, micro_batch) (ints or traced scalars), else a
+    clear error. `after` (e.g. an m2n_send result) orders the receive after the op that made it: XLA keeps
+    side-effecting calls alive but orders them only by data dependence."""
+    register_ffi_targets()
+    shape = jax.ShapeDtypeStruct(like.shape, like.dtype)
+    call = jax.ffi.ffi_call("m2n_recv", (shape, jax.ShapeDtypeStruct((), jnp.int32)), has_side_effect=True)
+    after = jnp.zeros((), jnp.int32) if after is None else jnp.asarray(after, jnp.int32).reshape(())
+    return call(_tag(layer, micro_batch), after, handle=np.int64(receiver.handle), sender=np.int32(sender),
+                timeout_s=np.float32(receiver.timeout_s if timeout_s is None else timeout_s))

@@ -1,0 +1,115 @@
+"""What the gRPC and HTTP front ends share: request validation against the server's caps, and an asyncio
+stream of one request's deltas that aborts the request in the engine when its consumer goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+
+from msjax.engine.engine import Engine, RequestDelta
+from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
+from serving.config import ServeConfig
+from serving.engine_loop import EngineLoop
+from serving.metrics import Metrics
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                   "logprobs")
+
+
+class RequestStream:
+    """The deltas of one submitted request, for `async for`. `close()` (or leaving the loop early, or the
+    consuming task being cancelled) aborts the request if it is unfinished."""
+
+    def __init__(self, frontend: "Frontend", request_id: str, prompt_ids: list[int], sampling: SamplingParams):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.finished = False
+        self._loop = frontend.loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+
+        def sink(item, put=self._queue.put_nowait):
+            aio.call_soon_threadsafe(put, item)
+
+        self._loop.submit(request_id, prompt_ids, sampling, sink)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, Exception):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._loop.abort(self.request_id)
+
+
+class Frontend:
+    def __init__(self, engine: Engine, loop: EngineLoop, config: ServeConfig, metrics: Metrics):
+        self.engine = engine
+        self.loop = loop
+        self.config = config
+        self.metrics = metrics
+        self.max_model_len = engine.max_model_len
+        self.max_prompt_tokens = config.max_prompt_tokens or self.max_model_len - 1
+        self.max_tokens_cap = config.max_tokens_cap or self.max_model_len
+        self._ids = itertools.count()
+        self._prefix = os.urandom(3).hex()
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{self._prefix}{next(self._ids):06d}"
+
+    def encode(self, prompt, field: str = "prompt") -> list[int]:
+        """Token ids of a prompt (text or ids), within the vocabulary and the prompt cap."""
+        try:
+            ids = self.engine.encode(prompt)
+        except InvalidRequestError as err:
+            raise InvalidRequestError(field, str(err).partition(": ")[2]) from None
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequestError(field, f"{len(ids)} tokens exceed this server's max_prompt_tokens="
+                                      f"{self.max_prompt_tokens}")
+        return ids
+
+    def sampling(self, params: dict, default_max_tokens: int | None = 16) -> SamplingParams:
+        """SamplingParams from the request's fields (None: the default), capped by max_tokens_cap."""
+        params = {k: v for k, v in params.items() if v is not None}
+        if "max_tokens" not in params and default_max_tokens is not None:
+            params["max_tokens"] = min(default_max_tokens, self.max_tokens_cap)
+        if "max_tokens" in params and isinstance(params["max_tokens"], int) and not isinstance(
+                params["max_tokens"], bool) and params["max_tokens"] > self.max_tokens_cap:
+            raise InvalidRequestError("max_tokens", f"{params['max_tokens']} exceeds this server's max_tokens_cap="
+                                      f"{self.max_tokens_cap}")
+        if "ignore_eos" in params and not isinstance(params["ignore_eos"], bool):
+            raise InvalidRequestError("ignore_eos", f"must be a boolean, got {params['ignore_eos']!r}")
+        if "stop" in params and not isinstance(params["stop"], (str, list, tuple)):
+            raise InvalidRequestError("stop", f"must be a string or a list of strings, got {params['stop']!r}")
+        if "stop_token_ids" in params:
+            ids = params["stop_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.engine.model_config.vocab_size
+                    for t in ids):
+                raise InvalidRequestError("stop_token_ids", f"must be token ids in [0, "
+                                          f"{self.engine.model_config.vocab_size}), got {ids!r}")
+        for name in ("temperature", "top_p"):
+            if name in params and isinstance(params[name], bool):
+                raise InvalidRequestError(name, f"must be a number, got {params[name]!r}")
+        return SamplingParams(**params)
+
+    def open(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> RequestStream:
+        """Submit (raises Overloaded / Unavailable / InvalidRequestError) and return the stream of deltas."""
+        return RequestStream(self, request_id, prompt_ids, sampling)

@@ -1,0 +1,138 @@
+"""`msjax.serve(config)`: one engine behind a gRPC and an OpenAI-compatible HTTP front end.
+
+    with msjax.serve(msjax.ServeConfig(grpc_port=0, http_port=0)) as server:
+        print(server.grpc_address, server.http_address)
+
+Threads: the caller's (load, then `stop`), the engine loop (owns the Engine), and one asyncio loop that runs both
+front ends. `stop()` is graceful: health turns NOT_SERVING and new requests are refused, in-flight requests finish
+(up to `drain_timeout_s`, then they are aborted), the servers close and the threads are joined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import threading
+
+from serving.config import ServeConfig
+
+log = logging.getLogger("msjax.serving")
+
+
+def _ensure_host_devices() -> None:
+    """Eight host devices for the default plan on a CPU machine; only effective before JAX starts its backend."""
+    from msjax.cli import HOST_DEVICES_FLAG
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}".strip()
+
+
+class Server:
+    """A running server: `grpc_address` ("host:port"), `http_address` ("http://host:port", None when off),
+    `engine`, `metrics`; `stop()`, `wait()`; a context manager that stops on exit."""
+
+    def __init__(self, config: ServeConfig, engine=None, progress=None):
+        from msjax.engine.engine import Engine
+        from msjax.models import resolve_model_path
+        from serving.engine_loop import EngineLoop
+        from serving.frontend import Frontend
+        from serving.metrics import Metrics
+
+        self.config = config
+        if engine is None:
+            _ensure_host_devices()
+            engine = Engine.from_pretrained(config.model, plan=config.resolved_plan(), progress=progress,
+                                            **config.engine)
+            model_path = resolve_model_path(config.model)
+        else:
+            model_path = None
+            try:
+                model_path = resolve_model_path(config.model)
+            except Exception:  # noqa: BLE001 - an injected engine need not come from a path
+                pass
+        self.engine = engine
+        self.metrics = Metrics(config.name, engine.model_config.num_experts, engine.num_total_pages())
+        self.loop = EngineLoop(engine, self.metrics, max_concurrent=config.max_concurrent_requests,
+                               max_queue=config.max_queue)
+        if config.warmup:
+            self.loop.warmup()
+        self.frontend = Frontend(engine, self.loop, config, self.metrics)
+        self._model_path = model_path
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._aio = asyncio.new_event_loop()
+        self._aio_thread = threading.Thread(target=self._aio.run_forever, name="msjax-serving-io", daemon=True)
+        self.grpc = self.http = None
+        self.grpc_address = self.http_address = None
+        self.loop.start()
+        self._aio_thread.start()
+        try:
+            self._call(self._start_frontends())
+        except BaseException:
+            self.stop(drain_timeout=0)
+            raise
+        log.info("serving %s: gRPC on %s, HTTP on %s", config.name, self.grpc_address, self.http_address)
+
+    def _call(self, coro, timeout: float | None = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self._aio).result(timeout)
+
+    async def _start_frontends(self) -> None:
+        from serving.grpc_server import GrpcServer
+        from serving.http_server import HttpApi
+
+        cfg = self.config
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self.grpc = GrpcServer(self.frontend)
+        port = await self.grpc.start(cfg.host, cfg.grpc_port)
+        self.grpc_address = f"{host}:{port}"
+        if cfg.http_port != -1:
+            self.http = HttpApi(self.frontend, self._model_path)
+            context = None
+            if cfg.tls_cert:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            port = await self.http.start(cfg.host, cfg.http_port, context)
+            self.http_address = f"{'https' if context else 'http'}://{host}:{port}"
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Graceful shutdown: refuse new requests, drain in-flight ones, close the servers, join the threads.
+        Safe to call twice."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            timeout = self.config.drain_timeout_s if drain_timeout is None else drain_timeout
+            self.loop.stop_admitting()
+            if self._aio_thread.is_alive():
+                if self.http is not None:
+                    self.http.draining = True
+                if self.grpc is not None:
+                    self._call(self.grpc.set_not_serving(), 10)
+            self.loop.shutdown(timeout)  # drains (streams keep flowing on the io loop), then stops the engine loop
+            if self._aio_thread.is_alive():
+                try:
+                    if self.grpc is not None:
+                        self._call(self.grpc.stop(1.0), 30)
+                    if self.http is not None:
+                        self._call(self.http.stop(), 30)
+                finally:
+                    self._aio.call_soon_threadsafe(self._aio.stop)
+                    self._aio_thread.join(30)
+            if not self._aio.is_running():
+                self._aio.close()
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stopped (for the CLI); True when it did."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(config: ServeConfig | None = None, *, engine=None, progress=None) -> Server:
+    """Load the model (or use `engine`), start the gRPC and HTTP front ends and return the running `Server`."""
+    return Server(config or ServeConfig(), engine=engine, progress=progress)

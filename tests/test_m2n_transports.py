@@ -1,0 +1,314 @@
+"""Conformance suite of the native M2N transports: every runnable transport passes the same tests.
+
+Messages arrive intact and in sequence, completion flags order sender and receiver, M senders reach N receivers
+(processes), a dead peer or a missing message becomes a clear error within seconds, and malformed headers are
+rejected. Worker processes load only the ctypes layer (msjax/comm/_lib.py, by path) so they start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msjax.comm import native
+
+TRANSPORTS = ["shm", "tcp"]
+HELLO_MAGIC = 0x484E324D
+LIB_PY = Path(native.__file__).with_name("_lib.py")
+
+# A worker: loads the ctypes layer by path, then runs `body` with `m` bound to it.
+WORKER = textwrap.dedent("""
+    import importlib.util, os, sys, time, numpy as np
+    spec = importlib.util.spec_from_file_location("m2n_lib", os.environ["M2N_LIB_PY"])
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+""")
+
+
+def payload(sender: int, receiver: int, k: int, nbytes: int) -> bytes:
+    return np.random.default_rng([sender, receiver, k]).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+
+
+class Net:
+    """Receivers of one channel, and the addresses senders use to reach them."""
+
+    def __init__(self, transport: str):
+        self.transport = transport
+        self.name = f"t{uuid.uuid4().hex[:10]}"
+        self.receivers: list[native.Receiver] = []
+
+    def receiver(self, index: int = 0, num_senders: int = 1, capacity: int = 1 << 16, depth: int = 4,
+                 timeout_s: float = 5.0) -> native.Receiver:
+        address = self.name if self.transport == "shm" else "127.0.0.1:0"
+        rx = native.Receiver(self.transport, address, index, num_senders, capacity, depth, timeout_s)
+        self.receivers.append(rx)
+        return rx
+
+    def addresses(self) -> list[str]:
+        if self.transport == "shm":
+            return [self.name] * len(self.receivers)
+        return [rx.address for rx in self.receivers]
+
+    def sender(self, index: int = 0, capacity: int = 1 << 16, timeout_s: float = 5.0) -> native.Sender:
+        return native.Sender(self.transport, self.addresses(), index, capacity, timeout_s)
+
+    def close(self):
+        for rx in self.receivers:
+            rx.close()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def net(request):
+    n = Net(request.param)
+    yield n
+    n.close()
+    if n.transport == "shm":  # the receivers unlinked their segments
+        assert not list(Path("/dev/shm").glob(f"msjax-m2n-{n.name}-*"))
+
+
+def spawn(body: str, **env) -> subprocess.Popen:
+    script = WORKER + textwrap.dedent(body)
+    env = {**os.environ, "M2N_LIB_PY": str(LIB_PY), **{k: str(v) for k, v in env.items()}}
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def reap(*procs: subprocess.Popen, timeout: float = 20) -> list[tuple[int, str, str]]:
+    """Waits for the workers (killing any still running after `timeout`); their (returncode, stdout, stderr)."""
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        results.append((p.returncode, out, err))
+    return results
+
+
+def test_messages_arrive_intact(net):
+    rx = net.receiver(capacity=8192, depth=8)
+    tx = net.sender(capacity=8192)
+    sizes = [0, 1, 63, 64, 4097, 8192]
+    for k, n in enumerate(sizes):
+        tx.send(0, payload(0, 0, k, n), layer=k, micro_batch=k % 2)
+    for k, n in enumerate(sizes):
+        assert rx.recv(0, layer=k, micro_batch=k % 2) == payload(0, 0, k, n)
+    tx.close()
+
+
+def test_sequence_wraps_the_ring_with_back_pressure(net):
+    """50 messages through 2 slots: the sender must wait on the completion flags for the receiver to free them."""
+    rx = net.receiver(depth=2)
+    tx = net.sender()
+    errors = []
+
+    def send_all():
+        try:
+            for k in range(50):
+                tx.send(0, payload(0, 0, k, 100 + k), layer=k)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    thread = threading.Thread(target=send_all)
+    thread.start()
+    got = [rx.recv(0, layer=k) for k in range(50)]
+    thread.join(10)
+    assert not errors
+    assert got == [payload(0, 0, k, 100 + k) for k in range(50)]
+
+
+def test_receive_waits_for_the_completion_flag(net):
+    rx = net.receiver()
+    tx = net.sender()
+    timer = threading.Timer(0.3, lambda: tx.send(0, b"late", layer=7))
+    start = time.monotonic()
+    timer.start()
+    try:
+        assert rx.recv(0, layer=7) == b"late"
+    finally:
+        timer.join()
+    assert time.monotonic() - start >= 0.25
+
+
+def test_many_senders_to_many_receivers_across_processes(net):
+    num_senders, num_receivers, rounds = 3, 2, 5
+    receivers = [net.receiver(r, num_senders, capacity=4096, depth=2) for r in range(num_receivers)]
+    procs = [spawn("""
+        s, rounds = int(os.environ["S"]), int(os.environ["ROUNDS"])
+        tx = m.Sender(os.environ["T"], os.environ["ADDR"].split(","), s, 4096, timeout_s=10)
+        for k in range(rounds):
+            for r in range(tx.num_receivers):
+                data = np.random.default_rng([s, r, k]).integers(0, 256, 1000 + 7 * s + k, dtype=np.uint8)
+                tx.send(r, data.tobytes(), layer=k, micro_batch=s)
+        print("sent")
+        """, S=s, ROUNDS=rounds, T=net.transport, ADDR=",".join(net.addresses())) for s in range(num_senders)]
+    try:
+        for k in range(rounds):
+            for r, rx in enumerate(receivers):
+                for s in reversed(range(num_senders)):  # any order: each sender has its own slots
+                    assert rx.recv(s, layer=k, micro_batch=s, timeout_s=20) == payload(s, r, k, 1000 + 7 * s + k)
+    finally:
+        results = reap(*procs)
+    assert all(rc == 0 and out.strip() == "sent" for rc, out, _ in results), results
+
+
+def test_a_message_that_never_arrives_times_out(net):
+    rx = net.receiver()
+    tx = net.sender()
+    start = time.monotonic()
+    with pytest.raises(native.M2NTimeout, match="timed out waiting for sender 0 .layer 3"):
+        rx.recv(0, layer=3, timeout_s=0.3)
+    assert 0.25 <= time.monotonic() - start < 3
+    tx.close()
+
+
+def test_a_sender_that_dies_is_detected_within_seconds(net):
+    rx = net.receiver(timeout_s=60)
+    proc = spawn("""
+        tx = m.Sender(os.environ["T"], [os.environ["ADDR"]], 0, 1 << 16)
+        tx.send(0, b"hello", layer=0)
+        print("sent", flush=True)
+        time.sleep(60)
+        """, T=net.transport, ADDR=net.addresses()[0])
+    try:
+        assert rx.recv(0, layer=0, timeout_s=20) == b"hello"
+        proc.send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(native.M2NError, match="exited|closed") as info:
+            rx.recv(0, layer=1, timeout_s=30)  # the death must be noticed long before the timeout
+        assert time.monotonic() - start < 5
+        assert info.value.code == "unavailable"
+    finally:
+        reap(proc, timeout=1)
+
+
+def test_a_receiver_that_dies_is_detected_within_seconds(net):
+    address = net.name if net.transport == "shm" else "127.0.0.1:0"
+    proc = spawn("""
+        rx = m.Receiver(os.environ["T"], os.environ["ADDR"], 0, 1, 1 << 16, depth=2)
+        print(rx.address, flush=True)
+        time.sleep(60)
+        """, T=net.transport, ADDR=address)
+    try:
+        reported = proc.stdout.readline().strip()
+        addr = net.name if net.transport == "shm" else reported
+        tx = native.Sender(net.transport, [addr], 0, 1 << 16, timeout_s=60)
+        tx.send(0, b"x" * 1000)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        start = time.monotonic()
+        with pytest.raises(native.M2NError, match="exited|failed|Broken pipe|reset") as info:
+            for _ in range(100):  # shm: the ring fills (depth 2); tcp: the reset shows on a later write
+                tx.send(0, b"x" * 60000)
+                time.sleep(0.01)
+        assert time.monotonic() - start < 5
+        assert info.value.code == "unavailable"
+        tx.close()
+    finally:
+        reap(proc, timeout=1)
+        if net.transport == "shm":  # a killed receiver cannot unlink its segment
+            for path in Path("/dev/shm").glob(f"msjax-m2n-{net.name}-*"):
+                path.unlink()
+
+
+def raw_header(magic=None, sender=0, layer=0, micro_batch=0, seq=0, nbytes=0) -> bytes:
+    return struct.pack("<IIIIQQ", native.message_magic() if magic is None else magic, sender, layer, micro_batch,
+                       seq, nbytes)
+
+
+def deliver_raw(net: Net, rx: native.Receiver, sender: int, raw: bytes):
+    """What a faulty sender would put on the wire (tcp) or in its slot (shm)."""
+    if net.transport == "shm":
+        rx.inject(sender, 0, raw)
+        return None
+    host, port = rx.address.split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(struct.pack("<IIII", HELLO_MAGIC, sender, rx.index, 1) + raw)
+    return sock
+
+
+MALFORMED = {
+    "magic": (dict(magic=0xDEADBEEF), "bad magic"),
+    "sender": (dict(sender=1), "arrived on sender 0's channel"),
+    "sequence": (dict(seq=5), "sequence number 5, expected 0"),
+    "size": (dict(nbytes=1 << 20), "exceeds the receive capacity"),
+}
+
+
+@pytest.mark.parametrize("field", MALFORMED)
+def test_malformed_headers_are_rejected(net, field):
+    rx = net.receiver(num_senders=2, capacity=4096)
+    fields, message = MALFORMED[field]
+    sock = deliver_raw(net, rx, 0, raw_header(**fields) + b"\x01" * 64)
+    try:
+        with pytest.raises(native.M2NError, match=message) as info:
+            rx.recv(0, timeout_s=5)
+        assert info.value.code == "malformed message"
+        with pytest.raises(native.M2NError, match="is broken"):  # the channel stays refused
+            rx.recv(0, timeout_s=5)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def test_tags_out_of_step_are_rejected(net):
+    rx = net.receiver()
+    tx = net.sender()
+    tx.send(0, b"abc", layer=1, micro_batch=0)
+    with pytest.raises(native.M2NError, match="expected layer 2 micro-batch 0 from sender 0"):
+        rx.recv(0, layer=2)
+
+
+def test_output_smaller_than_message_is_rejected(net):
+    rx = net.receiver()
+    tx = net.sender()
+    tx.send(0, b"x" * 100)
+    with pytest.raises(native.M2NError, match="exceeds the receive capacity 10"):
+        rx.recv_into(np.empty(10, np.uint8), 0)
+
+
+def test_bad_arguments_are_clear_errors(net):
+    rx = net.receiver(num_senders=2, capacity=1024)
+    tx = net.sender(capacity=1024)
+    with pytest.raises(native.M2NError, match="exceeds the slot capacity"):
+        tx.send(0, b"x" * 1025)
+    with pytest.raises(native.M2NError, match="receiver 3 out of range"):
+        tx.send(3, b"x")
+    with pytest.raises(native.M2NError, match="sender 2 out of range"):
+        rx.recv(2)
+    with pytest.raises(ValueError, match="transport must be one of"):
+        native.Receiver("udp", "x", 0, 1, 1024)
+
+
+def test_shm_sender_index_beyond_the_receivers_senders():
+    n = Net("shm")
+    try:
+        n.receiver(num_senders=2)
+        with pytest.raises(native.M2NError, match="sender index 2 out of range.*set up for 2 senders"):
+            n.sender(index=2)
+    finally:
+        n.close()
+
+
+def test_open_sender_times_out_without_receiver():
+    start = time.monotonic()
+    with pytest.raises(native.M2NTimeout, match="did not appear"):
+        native.Sender("shm", [f"none{uuid.uuid4().hex[:8]}"], 0, 1024, timeout_s=0.3)
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(native.M2NTimeout, match="not reachable"):
+        native.Sender("tcp", [f"127.0.0.1:{port}"], 0, 1024, timeout_s=0.3)
+    assert time.monotonic() - start < 3

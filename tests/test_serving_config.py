@@ -1,0 +1,192 @@
+"""The serving layer around the engine: ServeConfig validation and TOML, the committed gRPC stubs, the bearer
+token and TLS (on a colocated one-device engine: no step runs, nothing compiles), and `msjax serve` itself."""
+
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+import msjax
+from msjax import ConfigError, DeploymentPlan
+from serving.config import DEFAULT_PLAN, ServeConfig
+from serving.proto.msjax.v1 import decode_pb2, decode_pb2_grpc
+from tests.serving_utils import http, poll
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("model", dict(model="")),
+    ("grpc_port", dict(grpc_port=70000)),
+    ("http_port", dict(http_port=-5)),
+    ("max_concurrent_requests", dict(max_concurrent_requests=0)),
+    ("max_queue", dict(max_queue=-1)),
+    ("max_prompt_tokens", dict(max_prompt_tokens=0)),
+    ("max_tokens_cap", dict(max_tokens_cap="many")),
+    ("tls_key", dict(tls_cert=__file__)),
+    ("tls_cert", dict(tls_cert="/nonexistent.pem", tls_key=__file__)),
+    ("api_token", dict(api_token="")),
+    ("engine.max_num_sequences", dict(engine={"max_num_sequences": 4})),
+    ("max_num_seqs", dict(engine={"max_num_seqs": 0})),
+])
+def test_serve_config_errors_name_the_field(field, kwargs):
+    with pytest.raises(ConfigError) as err:
+        ServeConfig(**kwargs)
+    assert err.value.field == field
+
+
+def test_serve_config_defaults_and_toml(tmp_path):
+    config = msjax.ServeConfig()
+    assert (config.model, config.host, config.resolved_plan()) == ("tiny-moe", "127.0.0.1", DEFAULT_PLAN)
+    assert DEFAULT_PLAN.num_devices == 8 and not DEFAULT_PLAN.is_colocated
+    assert config.api_token is None and config.tls_cert is None  # security is opt-in
+    text = """
+[serve]
+model = "tiny-moe"
+grpc_port = 0
+max_queue = 3
+
+[engine]
+max_num_seqs = 4
+
+[plan]
+attention_nodes = 2
+expert_nodes = 2
+"""
+    config = ServeConfig.from_toml(text, http_port=0, host=None)
+    assert (config.grpc_port, config.http_port, config.max_queue, config.host) == (0, 0, 3, "127.0.0.1")
+    assert config.engine == {"max_num_seqs": 4}
+    assert config.resolved_plan() == DeploymentPlan(attention_nodes=2, expert_nodes=2)
+    plan_file = tmp_path / "plan.toml"
+    DeploymentPlan(expert_nodes=2).save(plan_file)
+    assert ServeConfig.from_toml(f'plan = "{plan_file}"').resolved_plan() == DeploymentPlan(expert_nodes=2)
+    assert ServeConfig(plan=str(plan_file)).resolved_plan() == DeploymentPlan(expert_nodes=2)
+    assert ServeConfig(plan="colocated").resolved_plan() is None
+    with pytest.raises(ConfigError) as err:
+        ServeConfig.from_toml("grpc_prot = 5")
+    assert err.value.field == "grpc_prot"
+    with pytest.raises(ConfigError) as err:
+        ServeConfig(plan=str(tmp_path / "missing.toml")).resolved_plan()
+    assert err.value.field == "plan"
+
+
+def test_cli_parses_serve_flags():
+    from msjax.cli import build_parser
+    args = build_parser().parse_args(["serve", "--config", "x.toml", "--model", "m", "--plan", "p.toml", "--host",
+                                      "0.0.0.0", "--grpc-port", "1", "--http-port", "2"])
+    assert (args.config, args.model, args.plan, args.host, args.grpc_port, args.http_port) == \
+        ("x.toml", "m", "p.toml", "0.0.0.0", 1, 2)
+
+
+def test_generated_stubs_are_current(tmp_path):
+    pytest.importorskip("grpc_tools")
+    subprocess.run(["bash", str(ROOT / "tools/gen_proto.sh"), str(tmp_path)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHON": sys.executable})
+    for name in ("decode_pb2.py", "decode_pb2.pyi", "decode_pb2_grpc.py"):
+        fresh = (tmp_path / "msjax/v1" / name).read_text()
+        assert fresh == (ROOT / "serving/proto/msjax/v1" / name).read_text(), f"{name} is stale: run tools/gen_proto.sh"
+
+
+# --- bearer token and TLS ---
+
+@pytest.fixture(scope="module")
+def secure_server(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    config = ServeConfig(plan="colocated", grpc_port=0, http_port=0, api_token="s3cret",
+                         tls_cert=str(d / "cert.pem"), tls_key=str(d / "key.pem"), engine={"num_pages": 64})
+    with msjax.serve(config) as server:
+        yield server, (d / "cert.pem").read_bytes(), str(d / "cert.pem")
+
+
+def test_token_and_tls(secure_server):
+    server, cert, cert_file = secure_server
+    assert server.http_address.startswith("https://")
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert)
+    with grpc.secure_channel(server.grpc_address, credentials) as channel:
+        stub = decode_pb2_grpc.DecodeStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfo(decode_pb2.ModelInfoRequest(), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(decode_pb2.GenerateRequest(prompt="Flat is"), timeout=30,
+                               metadata=[("authorization", "Bearer wrong")]))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        info = stub.ModelInfo(decode_pb2.ModelInfoRequest(), timeout=30,
+                              metadata=[("authorization", "Bearer s3cret")])
+        assert info.model == "tiny-moe" and info.plan == ""
+    with grpc.insecure_channel(server.grpc_address) as plain:  # no TLS, no answer
+        with pytest.raises(grpc.RpcError):
+            decode_pb2_grpc.DecodeStub(plain).ModelInfo(decode_pb2.ModelInfoRequest(), timeout=5,
+                                                        metadata=[("authorization", "Bearer s3cret")])
+    context = ssl.create_default_context(cafile=cert_file)
+    status, body = http("GET", server.http_address + "/v1/models", context=context)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, body = http("GET", server.http_address + "/v1/models", context=context,
+                        headers={"Authorization": "Bearer s3cret"})
+    assert status == 200 and body["data"][0]["id"] == "tiny-moe"
+    assert http("GET", server.http_address + "/health", context=context)[0] == 200  # probes need no token
+
+
+# --- the command line, on its defaults (the disaggregated plan over 8 host devices) ---
+
+def test_msjax_serve_cli_default_plan(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets the device count itself
+    proc = subprocess.Popen([sys.executable, "-m", "msjax", "serve", "--grpc-port", "0", "--http-port", "0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        poll(lambda: lines.append(proc.stdout.readline()) or "Ctrl-C" in lines[-1] or proc.poll() is not None,
+             timeout=120, what="the server to start")
+        banner = "".join(lines)
+        assert proc.poll() is None, banner
+        grpc_address = next(line.split()[1] for line in lines if line.strip().startswith("gRPC"))
+        http_address = next(line.split()[1] for line in lines if line.strip().startswith("HTTP"))
+        assert grpc_address.startswith("127.0.0.1:") and "curl" in banner and "grpcurl" in banner
+        with grpc.insecure_channel(grpc_address) as channel:
+            info = decode_pb2_grpc.DecodeStub(channel).ModelInfo(decode_pb2.ModelInfoRequest(), timeout=30)
+        assert DeploymentPlan.from_toml(info.plan) == DEFAULT_PLAN
+        status, body = http("POST", http_address + "/v1/completions",
+                            {"model": "tiny-moe", "prompt": "Beautiful is better than", "max_tokens": 3,
+                             "temperature": 0}, timeout=300)
+        assert status == 200 and body["choices"][0]["text"] == " ug"  # of " ugly." (a character-level vocabulary)
+        assert body["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_chat_template_from_tokenizer_config(tmp_path):
+    """A checkpoint with a chat_template renders it (Jinja, sandboxed); tiny-moe has none and takes the
+    documented fallback (the other tests cover that one end to end)."""
+    from types import SimpleNamespace
+
+    from serving.http_server import HttpApi, HttpError
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"chat_template": %s, "eos_token": "</s>"}' % __import__("json").dumps(template))
+    frontend = SimpleNamespace(config=SimpleNamespace(name="m", api_token=None))
+    api = HttpApi(frontend, tmp_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text",
+                                                                                          "text": "Hi"}]}]
+    assert api._chat_prompt(messages, True) == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>"
+    assert HttpApi(frontend, None).chat_template is None
+    assert HttpApi(frontend, None)._chat_prompt([{"role": "user", "content": "a"},
+                                                 {"role": "assistant", "content": "b"}], True) == "a\nb\n"
+    with pytest.raises(HttpError) as err:
+        api._chat_prompt([{"role": "user", "content": [{"type": "image_url"}]}], True)
+    assert err.value.param == "messages[0].content"
