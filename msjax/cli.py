@@ -160,17 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--warmup", action="store_true", default=None,
                      help="compile the decode shapes before accepting requests (slower start, faster first requests)")
     srv.set_defaults(run=_serve)
+    # parsed by msjax.launch itself (main() hands it the rest of the command line)
+    sub.add_parser("launch", add_help=False, help="generate over a multi-process deployment (plan transport shm or "
+                   "tcp): expert nodes as processes, packets through the native M2N library")
     from msjax.planner.cli import add_parser as add_plan_parser
     add_plan_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     # Eight host devices so plans run on a CPU-only machine; read when JAX starts its backend (not at import),
     # and harmless where accelerators exist.
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}".strip()
+    if argv[:1] == ["launch"]:
+        from msjax import launch
+        return launch.main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, MemoryError) as err:  # msjax's input errors name the field or tensor at fault

@@ -86,6 +86,7 @@ def test_dispatch_excludes_padding_tokens():
         np.testing.assert_array_equal(np.asarray(d.rows[r]), np.asarray(x[a // 2]))
 
 
+@pytest.mark.slow  # ~30 s of interpreted kernels; the kernels' own interpret tests stay in the quick subset
 def test_decode_through_the_pallas_kernels_in_interpret_mode():
     """The model's decode path through both Mosaic GPU kernels (paged attention, grouped expert FFN; interpreted on
     CPU) matches the references."""

@@ -122,8 +122,14 @@ class InProcessTransport:
 
 
 def transport_for(plan: DeploymentPlan):
-    """The transport a plan asks for. Only the in-process one exists so far."""
+    """The in-process transport between device groups of this process. Plans with transport "shm" or "tcp" put
+    each expert node in its own process: `msjax.runtime.multiprocess.MultiProcessRunner` (what the Engine picks
+    for them), with the native library's custom calls inside the programs."""
     if plan.transport in ("auto", "inprocess"):
         return InProcessTransport()
-    raise ConfigError("transport", f"{plan.transport!r} needs the native M2N library, which is not built yet; "
-                      "use 'auto' (in-process) for now")
+    if plan.transport in ("shm", "tcp"):
+        raise ConfigError("transport", f"{plan.transport!r} runs expert nodes as separate processes: use "
+                          "msjax.runtime.multiprocess.MultiProcessRunner (Engine does for such plans), not the "
+                          "in-process runner")
+    raise ConfigError("transport", f"{plan.transport!r} is not supported yet; use 'auto' (in-process), 'shm' or "
+                      "'tcp' (expert nodes as processes)")

@@ -96,7 +96,10 @@ class Engine:
             allocator = PageAllocator(config.num_pages)
             self.replicas.append(Replica(allocator, Scheduler(config, allocator)))
         if runner is None:
-            if disaggregated:
+            if disaggregated and plan.transport in ("shm", "tcp"):
+                from msjax.runtime.multiprocess import MultiProcessRunner
+                runner = MultiProcessRunner(model, config, plan, devices)
+            elif disaggregated:
                 from msjax.runtime.disaggregated import DisaggregatedRunner
                 runner = DisaggregatedRunner(model, config, plan, devices)
             else:
@@ -122,6 +125,18 @@ class Engine:
         loaded = load(model, dtype=jnp.float32 if config.dtype == "float32" else jnp.bfloat16, progress=progress)
         return cls(loaded, config, plan=plan, tokenizer=load_tokenizer(path), eos_token_ids=generation_eos(path),
                    devices=devices)
+
+    def close(self) -> None:
+        """Release what the runner holds (expert processes of a multi-process plan). Idempotent."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # --- requests ---
 

@@ -1,0 +1,112 @@
+"""The ping-pong pipeline across processes: the attention node (the engine's process) pinned to one core, the
+expert node (a worker process, plan transport shm) pinned to another, packets through the native M2N library.
+Decode step time for m = 1..4, and the performance model's prediction (paper Eq. 5) from T_a, T_e profiled on
+one core each.
+
+    .venv/bin/python bench/pipeline_pinned.py [--batch 64] [--context 256] [--micro-batches 1,2,3,4]
+
+Unlike bench/pipeline.py (both nodes as XLA:CPU devices of one process, sharing the cores), here the two groups
+have a core each, as they would have separate GPUs: m > 1 lets attention of micro-batch i+1 overlap the experts
+of micro-batch i.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ATTENTION_CPU, EXPERT_CPU = 0, 1
+os.sched_setaffinity(0, {ATTENTION_CPU})  # before JAX starts its threads: they inherit it
+os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                   if "host_platform_device_count" not in f)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_results  # noqa: E402
+from bench.pipeline import BALANCED  # noqa: E402
+from msjax import Engine, EngineConfig, SamplingParams  # noqa: E402
+from msjax.config import DeploymentPlan  # noqa: E402
+from msjax.engine.batch import bucket  # noqa: E402
+from msjax.models.programs import MoEModel  # noqa: E402
+from msjax.planner.profiler import fit, measure_layer_times, predicted_step_seconds  # noqa: E402
+from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
+
+
+def pin_process(pid: int, cpu: int) -> None:
+    """Every thread of `pid` (and so the threads it starts later) onto one core."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
+def measure(model: MoEModel, m: int, batch: int, context: int, steps: int) -> float:
+    cfg = EngineConfig(page_size=16, num_pages=batch * (context // 16 + 2), max_num_seqs=batch,
+                       max_num_batched_tokens=max(batch, 256), max_model_len=context + steps + 16)
+    plan = DeploymentPlan(1, 1, 1, 1, m, transport="shm")
+    runner = MultiProcessRunner(model, cfg, plan)
+    try:
+        for proc in runner.procs:
+            pin_process(proc.pid, EXPERT_CPU)
+        engine = Engine(model, cfg, plan=plan, runner=runner)
+        sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(str(i), [(i * 7 + j) % model.cfg.vocab_size for j in range(context)], sp)
+        while engine.stats.num_decode_steps < 3:  # prefill, then compile the decode programs
+            engine.step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        runner.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--micro-batches", default="1,2,3,4")
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) != 1 or os.cpu_count() < 2:
+        sys.exit("needs two cores")
+    model = MoEModel.random(BALANCED, seed=0)
+    ms = [int(x) for x in args.micro_batches.split(",")]
+    sizes = {m: bucket(-(-args.batch // m), args.batch) for m in ms}
+    # T_a and T_e on one core (this process is pinned), calls back to back as the host loop issues them
+    measured = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=8)
+    t_a, t_e, t_c, t_o = fit(measured)
+    rows, base = [], None
+    for m in ms:
+        step_s = measure(model, m, args.batch, args.context, args.steps)
+        base = base or step_s
+        b = sizes[m]
+        predicted = predicted_step_seconds(t_a, t_e, BALANCED.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o)
+        rows.append({"m": m, "micro_batch": b, "step_ms": round(1e3 * step_s, 1),
+                     "tok_s": round(args.batch / step_s, 1), "speedup": f"{base / step_s:.2f}x",
+                     "predicted_ms": round(1e3 * predicted, 1), "error": f"{predicted / step_s - 1:+.0%}"})
+        print(rows[-1], flush=True)
+
+    def show(name, c):
+        return f"{name}(b) = {1e3 * c.slope:.4f} ms x b + {1e3 * c.intercept:.3f} ms"
+
+    c = BALANCED
+    notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
+             f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
+             f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
+             f"{c.top_k}, float32; decode batch {args.batch}, context {args.context}; median of {args.steps} steps. "
+             f"Profiled on one core: {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "
+             f"copy), {show('T_o', t_o)} per micro-batch. Predicted = Eq. 5 (overlapped pipeline) with those.")
+    path = write_results("pipeline-pinned", rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
+                                                   ("step_ms", "decode step (ms)"), ("tok_s", "tokens/s"),
+                                                   ("speedup", "vs m=1"), ("predicted_ms", "Eq. 5 predicted (ms)"),
+                                                   ("error", "error")], notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""One expert node as its own process (`python -m msjax.runtime.expert_worker --spec FILE`), started by
+`msjax.runtime.multiprocess.MultiProcessRunner`.
+
+It loads only its experts, meets the engine through JAX's distributed key-value store (addresses of the M2N
+endpoints), then loops: a small control message from attention node 0 says what the next step holds (per round:
+which attention nodes send and their packet capacities); for every (layer, micro-batch) of the step one jitted
+program receives the packets of every active attention node (`m2n_recv`), runs the node's experts and sends each
+attention node its outputs (`m2n_send`) — no Python on the data path. A control message {"stop": true} ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+
+
+def _log(msg: str) -> None:
+    print(f"[expert_worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the engine process still runs (a zombie does not: its parent has not reaped it yet)."""
+    if os.getppid() != pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _remove_orphaned_segments(spec: dict) -> None:
+    """The engine died without closing: unlink its receivers' shm segments (the names are unique per run)."""
+    if spec["transport"] != "shm":
+        return
+    from pathlib import Path
+    for seg in Path("/dev/shm").glob(f"msjax-m2n-{spec['channel']}-b-r*"):
+        try:
+            seg.unlink()
+        except OSError:
+            pass
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True, help="pickled worker spec written by MultiProcessRunner")
+    args = parser.parse_args(argv)
+    with open(args.spec, "rb") as f:
+        spec = pickle.load(f)
+    os.unlink(args.spec)  # it may hold this node's expert weights: not needed any more
+    parent = os.getppid()
+    try:
+        return serve(spec, parent)
+    finally:
+        if not _alive(parent):  # the engine died without closing: remove what it would have
+            _remove_orphaned_segments(spec)
+            import shutil
+            shutil.rmtree(os.path.dirname(args.spec), ignore_errors=True)
+
+
+def serve(spec: dict, parent: int) -> int:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax._src.lib import _jax
+
+    from msjax.comm import native
+    from msjax.comm.m2n import Packet
+    from msjax.models.modules import ExpertRole
+    from msjax.runtime import multiprocess as mp
+    from msjax.runtime.disaggregated import expert_step
+
+    node, n_a, transport = spec["node"], spec["attention_nodes"], spec["transport"]
+    cfg, expert_ids = spec["config"], tuple(spec["expert_ids"])
+    dtype = jnp.dtype(spec["dtype"])
+
+    # -- weights: only this node's experts --
+    if spec.get("checkpoint"):
+        from msjax.checkpoint import load_expert_role
+        module = load_expert_role(spec["checkpoint"], cfg, expert_ids=expert_ids, dtype=dtype)
+        graphdef, state = nnx.split(module)
+    else:
+        module = nnx.eval_shape(lambda: ExpertRole(cfg, expert_ids=expert_ids, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, abstract = nnx.split(module)
+        leaves = spec["leaves"]
+        treedef = jax.tree.structure(abstract)
+        state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
+    if spec.get("kernels"):
+        module = nnx.merge(graphdef, state)
+        module.kernels = spec["kernels"]
+        graphdef, state = nnx.split(module)
+
+    # -- rendezvous through JAX's coordination service (key-value store) --
+    errors = []
+    client = _jax.get_distributed_runtime_client(
+        spec["coordinator"], node + 1, init_timeout=int(spec["startup_timeout_s"]), shutdown_timeout=5,
+        shutdown_on_destruction=False, missed_heartbeat_callback=lambda *a: errors.append(a))
+    client.connect()
+    prefix = spec["prefix"]
+    timeout_s = spec["timeout_s"]
+    rx = native.Receiver(transport, spec["dispatch_address"], node, n_a, spec["dispatch_bytes"],
+                         timeout_s=timeout_s)
+    # shm: senders address the channel name; tcp: the bound host:port
+    client.key_value_set(f"{prefix}/dispatch/{node}",
+                         spec["dispatch_address"] if transport == "shm" else rx.address)
+    ms = int(spec["startup_timeout_s"] * 1000)
+    back_addresses = [client.blocking_key_value_get(f"{prefix}/back/{a}", ms) for a in range(n_a)]
+    back = native.Sender(transport, back_addresses, node, spec["back_bytes"], timeout_s=timeout_s)
+    client.key_value_set(f"{prefix}/ready/{node}", "1")
+    try:
+        client.shutdown()
+    except Exception:  # the engine may have closed the service already: rendezvous is over either way
+        pass
+
+    num_local = len(expert_ids)
+    hidden = cfg.hidden_size
+    programs = {}
+
+    def program(caps: tuple[tuple[int, int], ...]):
+        """One round: receive from each (attention node, capacity) in caps, run the experts, send back."""
+        if caps not in programs:
+            def round_(state, layer, micro_batch, token):
+                packets = []
+                for a, cap in caps:
+                    like = jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8)
+                    buf, count = native.m2n_recv(rx, sender=a, like=like, layer=layer, micro_batch=micro_batch,
+                                                 after=token)
+                    rows, ids = mp.unpack_rows(buf, hidden, dtype)
+                    ids = jnp.where(jnp.arange(cap) < count, ids, num_local)
+                    packets.append(Packet(rows=rows, expert_ids=ids, count=count))
+                outs = expert_step(graphdef, state, layer, tuple(packets))
+                sent = [native.m2n_send(out, p.count, back, receiver=a, layer=layer, micro_batch=micro_batch)
+                        for (a, _), out, p in zip(caps, outs, packets)]
+                return jnp.sum(jnp.stack(sent))
+            programs[caps] = jax.jit(round_)
+        return programs[caps]
+
+    token = jnp.zeros((), jnp.int32)
+    _log(f"node {node} ready with experts {list(expert_ids)} over {transport}")
+    while True:
+        try:
+            raw = rx.recv(0, layer=cfg.num_layers, micro_batch=0, timeout_s=1.0)
+        except native.M2NTimeout:
+            if not _alive(parent):
+                _log("engine process is gone; exiting")
+                return 3
+            continue
+        msg = json.loads(raw.decode())
+        if msg.get("stop"):
+            break
+        rounds = [tuple((int(a), int(c)) for a, c in r) for r in msg["rounds"]]
+        for layer in range(cfg.num_layers):
+            layer_index = jnp.int32(layer)
+            for i, caps in enumerate(rounds):
+                token = program(caps)(state, layer_index, jnp.int32(i), token)
+        token.block_until_ready()  # the next control message must not overtake this step's receives
+    rx.close()
+    back.close()
+    _log("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

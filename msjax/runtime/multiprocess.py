@@ -1,0 +1,481 @@
+"""Disaggregated expert parallelism over processes on one host (plans with transport "shm" or "tcp").
+
+The engine's process runs the attention node(s); every expert node is its own process
+(`msjax.runtime.expert_worker`, JAX on CPU) holding only its experts. Packets and expert outputs move through
+the native M2N library's `m2n_send` / `m2n_recv` custom calls inside the jitted programs on both sides: the
+attention program packs and sends, the combine program receives and sums; only valid rows travel.
+
+Per step, attention node 0 first sends every expert node a small control message (JSON: per round, the active
+attention nodes and their packet capacities), so the expert processes compile one program per shape and know
+how many (layer, micro-batch) rounds follow. Each packet travels as bytes [capacity, hidden*itemsize + 4]: the
+row, then its local expert id (int32).
+
+Rendezvous: the runner starts a JAX distributed runtime service (the coordination service behind
+`jax.distributed`, used here only as a key-value store, without making the processes one JAX cluster); the
+engine publishes its receivers' addresses, each worker its own, and everyone shuts the client down once the
+endpoints are open.
+
+Limits of this first slice: tp_a = tp_e = 1 (a sharded program would issue the custom calls once per device),
+no re-placement (`set_placement`), CPU only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from msjax.comm.m2n import Routing
+from msjax.config import DeploymentPlan, EngineConfig
+from msjax.engine.batch import StepBatch
+from msjax.errors import ConfigError
+from msjax.kv_cache import AttentionBatch, KVCache
+from msjax.models.programs import MoEModel
+from msjax.runtime.disaggregated import attention_step, combine_step, embed_step, expert_subset, head_step
+from msjax.runtime.sampler import Sampled
+
+TRANSPORTS = ("shm", "tcp")
+
+
+class WorkerError(RuntimeError):
+    """An expert process failed to start, died, or broke the exchange."""
+
+
+# -- packet bytes -----------------------------------------------------------------------------------------------
+
+def row_bytes(hidden: int, dtype) -> int:
+    return hidden * jnp.dtype(dtype).itemsize + 4
+
+
+def pack_rows(rows: jax.Array, ids: jax.Array) -> jax.Array:
+    """rows [cap, hidden] (any float dtype) and ids [cap] int32 -> uint8 [cap, hidden*itemsize + 4]."""
+    cap = rows.shape[0]
+    r = jax.lax.bitcast_convert_type(rows, jnp.uint8).reshape(cap, -1)
+    i = jax.lax.bitcast_convert_type(ids.astype(jnp.int32), jnp.uint8).reshape(cap, 4)
+    return jnp.concatenate([r, i], axis=1)
+
+
+def unpack_rows(buf: jax.Array, hidden: int, dtype) -> tuple[jax.Array, jax.Array]:
+    dtype = jnp.dtype(dtype)
+    cap = buf.shape[0]
+    nb = hidden * dtype.itemsize
+    r = buf[:, :nb].reshape(cap, hidden, dtype.itemsize)
+    rows = jax.lax.bitcast_convert_type(r if dtype.itemsize > 1 else r[..., 0], dtype)
+    ids = jax.lax.bitcast_convert_type(buf[:, nb:].reshape(cap, 4), jnp.int32)
+    return rows, ids
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _forget_failed_effects() -> None:
+    """JAX keeps the last runtime token of every side-effecting computation for `effects_barrier` (and its atexit
+    hook), which would re-raise the failed exchange at exit; the runner has reported it already."""
+    try:
+        from jax._src import dispatch
+        dispatch.runtime_tokens.clear()
+    except Exception:  # noqa: BLE001 - private API; only the noise at exit is at stake
+        pass
+
+
+_LIVE: "weakref.WeakSet[MultiProcessRunner]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for runner in list(_LIVE):
+        runner.close()
+
+
+class MultiProcessRunner:
+    """`run(batches) -> sampled` like `DisaggregatedRunner`, with each expert node in its own process.
+
+    `checkpoint`: an HF checkpoint directory the workers read their experts from; without it the runner hands
+    them the model's expert weights (a temporary file). Use as a context manager or call `close()`."""
+
+    def __init__(self, model: MoEModel, cfg: EngineConfig, plan: DeploymentPlan, devices=None, *,
+                 checkpoint: str | os.PathLike | None = None, timeout_s: float = 60.0,
+                 startup_timeout_s: float = 120.0, python: str | None = None):
+        if plan.transport not in TRANSPORTS:
+            raise ConfigError("transport", f"the multi-process runner needs 'shm' or 'tcp', got {plan.transport!r}")
+        if plan.is_colocated:
+            raise ConfigError("plan", "a colocated plan has no expert nodes to put in processes")
+        if plan.attention_tp != 1 or plan.expert_tp != 1:
+            raise ConfigError("plan", "multi-process deployment supports attention_tp = expert_tp = 1 so far")
+        plan.validate(model.cfg, plan.num_devices)  # devices: only the attention nodes live here
+        devices = list(devices if devices is not None else jax.devices())
+        if len(devices) < plan.attention_nodes:
+            raise ConfigError("plan", f"needs {plan.attention_nodes} devices for attention, {len(devices)} exist")
+        self.cfg, self.plan, self.engine_config = model.cfg, plan, cfg
+        self.closed = False
+        self.procs: list[subprocess.Popen] = []
+        self._tmp = tempfile.mkdtemp(prefix="msjax-mp-")
+        self._service = self._client = None
+        self.tx, self.back = [], []
+        _LIVE.add(self)
+        try:
+            self._start(model, devices, checkpoint, timeout_s, startup_timeout_s, python or sys.executable)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start-up ---------------------------------------------------------------------------------------------
+
+    def _start(self, model, devices, checkpoint, timeout_s, startup_timeout_s, python):
+        from jax._src.lib import _jax
+
+        from msjax.comm import native
+        plan, mcfg = self.plan, model.cfg
+        n_a, n_e = plan.attention_nodes, plan.expert_nodes
+        self.devices = devices[:n_a]
+        self.placement = plan.expert_placement(mcfg.num_experts)
+        self.routing = Routing.from_placement(self.placement, mcfg.num_experts)
+        self.dtype = jnp.dtype(model.dtype)
+        self.hidden = mcfg.hidden_size
+        self.max_tokens = max(self.engine_config.max_num_batched_tokens, self.engine_config.max_num_seqs, 1)
+        cap = self.max_tokens * mcfg.top_k
+        dispatch_bytes = max(cap * row_bytes(self.hidden, self.dtype), 1 << 16)
+        back_bytes = cap * self.hidden * self.dtype.itemsize
+        self.channel = f"mp{uuid.uuid4().hex[:10]}"
+        local = "127.0.0.1:0"
+        dispatch_address = f"{self.channel}-d" if plan.transport == "shm" else local
+        back_address = f"{self.channel}-b" if plan.transport == "shm" else local
+
+        # attention side state, as DisaggregatedRunner, one device per node
+        self.attention_def = model.attention_def
+        self.attention_states = [jax.device_put(model.attention_state, d) for d in self.devices]
+        ec = self.engine_config
+        self.kv = [jax.device_put(KVCache.create(mcfg, ec.num_pages, ec.page_size, dtype=model.dtype), d)
+                   for d in self.devices]
+        self._load = jnp.zeros(mcfg.num_experts, jnp.int32)
+        kernels = getattr(nnx.merge(model.expert_def, model.expert_state), "kernels", None)
+
+        port = _free_port()
+        coordinator = f"127.0.0.1:{port}"
+        self._service = _jax.get_distributed_runtime_service(coordinator, n_e + 1, shutdown_timeout=5)
+        prefix = f"msjax/{self.channel}"
+        for e, experts in enumerate(self.placement):
+            spec = dict(node=e, channel=self.channel, attention_nodes=n_a, transport=plan.transport, config=mcfg,
+                        expert_ids=experts, dtype=self.dtype.name, kernels=kernels, coordinator=coordinator,
+                        prefix=prefix, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
+                        dispatch_address=dispatch_address, dispatch_bytes=dispatch_bytes, back_bytes=back_bytes,
+                        checkpoint=str(checkpoint) if checkpoint else None)
+            if not checkpoint:
+                _, state = expert_subset(model, experts)
+                spec["leaves"] = [np.asarray(x) for x in jax.tree.leaves(state)]
+            path = Path(self._tmp) / f"worker{e}.pkl"
+            path.write_bytes(pickle.dumps(spec))
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+                   "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                         if "host_platform_device_count" not in f)}
+            root = str(Path(__file__).resolve().parents[2])
+            env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+            log = open(Path(self._tmp) / f"worker{e}.log", "wb")
+            self.procs.append(subprocess.Popen([python, "-m", "msjax.runtime.expert_worker", "--spec", str(path)],
+                                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                               env=env, start_new_session=True))
+            log.close()
+
+        # receivers first (tcp binds here), then publish, then wait for the workers'
+        self.back = [native.Receiver(plan.transport, back_address, a, n_e, back_bytes, timeout_s=timeout_s)
+                     for a in range(n_a)]
+        errors: list = []  # missed heartbeats: reported through the failing calls below
+        self._client = _jax.get_distributed_runtime_client(
+            coordinator, 0, init_timeout=int(startup_timeout_s), shutdown_timeout=5, shutdown_on_destruction=False,
+            missed_heartbeat_callback=lambda *a: errors.append(a))
+        box: dict = {}
+
+        def rendezvous():
+            try:
+                self._client.connect()
+                for a, rx in enumerate(self.back):
+                    self._client.key_value_set(f"{prefix}/back/{a}",
+                                               back_address if plan.transport == "shm" else rx.address)
+                ms = int(startup_timeout_s * 1000)
+                box["dispatch"] = [self._client.blocking_key_value_get(f"{prefix}/dispatch/{e}", ms)
+                                   for e in range(n_e)]
+            except Exception as err:  # noqa: BLE001 - reported below
+                box["error"] = err
+
+        thread = threading.Thread(target=rendezvous, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + startup_timeout_s
+        while thread.is_alive():
+            self._check_workers("while starting")
+            if time.monotonic() > deadline:
+                raise WorkerError(f"expert processes did not start within {startup_timeout_s:.0f} s"
+                                  + self._logs())
+            thread.join(0.1)
+        if "error" in box:
+            self._check_workers("while starting")
+            raise WorkerError(f"rendezvous failed: {box['error']}" + self._logs())
+        # opening a sender waits for every receiver (tcp connects here)
+        try:
+            self.tx = [native.Sender(plan.transport, box["dispatch"], a, dispatch_bytes, timeout_s=timeout_s)
+                       for a in range(n_a)]
+        except native.M2NError as err:
+            self._check_workers("while connecting")
+            raise WorkerError(f"cannot reach the expert processes: {err}" + self._logs()) from err
+        for e in range(n_e):  # every worker has opened its back sender: the key-value store is no longer needed
+            while True:
+                self._check_workers("while starting")
+                try:
+                    self._client.blocking_key_value_get(f"{prefix}/ready/{e}", 200)
+                    break
+                except Exception:  # noqa: BLE001 - not yet
+                    if time.monotonic() > deadline:
+                        raise WorkerError(f"expert node {e} did not get ready" + self._logs()) from None
+        self._stop_coordination()
+        self._programs: dict = {}
+        self._tokens = [jnp.zeros((), jnp.int32, device=d) for d in self.devices]
+
+    def _stop_coordination(self) -> None:
+        client, service, self._client, self._service = self._client, self._service, None, None
+        for obj in (client, service):
+            if obj is not None:
+                try:
+                    obj.shutdown()
+                except Exception:  # noqa: BLE001 - best effort on the way out
+                    pass
+
+    def _logs(self, lines: int = 30) -> str:
+        out = []
+        for e in range(len(self.procs)):
+            path = Path(self._tmp) / f"worker{e}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"\n--- expert node {e} (pid {self.procs[e].pid}) log tail ---\n" + "\n".join(tail))
+        return "".join(out)
+
+    def _check_workers(self, when: str) -> None:
+        for e, p in enumerate(self.procs):
+            if p.poll() is not None:
+                raise WorkerError(f"expert node {e} (pid {p.pid}) exited with code {p.returncode} {when}"
+                                  + self._logs())
+
+    # -- programs ---------------------------------------------------------------------------------------------
+
+    def _send_program(self, a: int):
+        key = ("send", a)
+        if key not in self._programs:
+            from msjax.comm import native
+            tx = self.tx[a]
+
+            @partial(jax.jit, static_argnames=("graphdef", "decode", "routing"), donate_argnames=("kv",))
+            def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, *, decode, routing):
+                h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
+                                                                          decode=decode, routing=routing)
+                sent = []
+                for e, p in enumerate(packets):
+                    payload, count, _ = jax.lax.optimization_barrier((pack_rows(p.rows, p.expert_ids), p.count,
+                                                                      token))  # after the previous send
+                    sent.append(native.m2n_send(payload, count, tx, receiver=e, layer=layer,
+                                                micro_batch=micro_batch))
+                return h, orders, weights, load, kv, jnp.sum(jnp.stack(sent))
+            self._programs[key] = send
+        return self._programs[key]
+
+    def _recv_program(self, a: int):
+        key = ("recv", a)
+        if key not in self._programs:
+            from msjax.comm import native
+            rx, hidden, dtype = self.back[a], self.hidden, self.dtype
+
+            @jax.jit
+            def recv(layer, micro_batch, orders, weights, token):
+                outs = []
+                for e, order in enumerate(orders):
+                    like = jax.ShapeDtypeStruct((order.shape[0], hidden), dtype)
+                    out, _ = native.m2n_recv(rx, sender=e, like=like, layer=layer, micro_batch=micro_batch,
+                                             after=token)
+                    outs.append(out)
+                return combine_step(tuple(outs), orders, weights), token + 1
+            self._programs[key] = recv
+        return self._programs[key]
+
+    def lower_attention(self, batch: StepBatch, a: int = 0) -> str:
+        """HLO text of attention node a's send and combine programs for `batch` (both hold the custom calls)."""
+        d = self.devices[a]
+        ab = AttentionBatch(*(jnp.asarray(x) for x in (batch.positions, batch.seq_ids, batch.page_table)))
+        h = embed_step(self.attention_def, self.attention_states[a], jax.device_put(batch.tokens, d))
+        send = self._send_program(a).lower(self.attention_def, self.attention_states[a], jnp.int32(0),
+                                           jnp.int32(0), h, h, ab, self.kv[a], self._tokens[a],
+                                           decode=batch.decode, routing=self.routing)
+        shape = jax.eval_shape(lambda: attention_step(self.attention_def, self.attention_states[a], jnp.int32(0),
+                                                      h, h, ab, self.kv[a], decode=batch.decode,
+                                                      routing=self.routing))
+        recv = self._recv_program(a).lower(jnp.int32(0), jnp.int32(0), shape[2], shape[4], self._tokens[a])
+        return send.as_text() + "\n" + recv.as_text()
+
+    # -- the step ---------------------------------------------------------------------------------------------
+
+    @property
+    def expert_meshes(self) -> list[None]:
+        """One entry per expert node (their devices live in other processes); what `Engine.rebalance` counts."""
+        return [None] * len(self.procs)
+
+    def set_placement(self, placement, shares=None) -> None:
+        raise ConfigError("placement", "re-placing experts across expert processes is not supported yet; "
+                          "restart with a plan that names the placement")
+
+    def read_expert_load(self) -> np.ndarray:
+        load, self._load = np.asarray(self._load), jnp.zeros_like(self._load)
+        return load
+
+    def run(self, batches: list[list[StepBatch]]) -> list[list[Sampled]]:
+        if self.closed:
+            raise WorkerError("the multi-process runner is closed")
+        self._check_workers("before the step")
+        work = [(a, i, b) for a, node in enumerate(batches) for i, b in enumerate(node)]
+        if not work:
+            return [[] for _ in batches]
+        k = self.cfg.top_k
+        rounds = max(len(node) for node in batches)
+        control = []
+        for i in range(rounds):
+            caps = []
+            for a, node in enumerate(batches):
+                if i < len(node):
+                    tokens = int(node[i].tokens.shape[0])
+                    if tokens > self.max_tokens:
+                        raise ValueError(f"a micro-batch of {tokens} tokens exceeds the runner's {self.max_tokens}")
+                    caps.append([a, tokens * k])
+            control.append(caps)
+        message = json.dumps({"rounds": control}).encode()
+        try:
+            for e in range(len(self.procs)):
+                self.tx[0].send(e, message, layer=self.cfg.num_layers, micro_batch=0)
+            return self._run(batches, work, rounds)
+        except WorkerError:
+            raise
+        except Exception as err:
+            time.sleep(0.2)  # let a dying worker finish dying, to name it
+            dead = [(e, p.returncode) for e, p in enumerate(self.procs) if p.poll() is not None]
+            logs = self._logs()
+            self.close()
+            _forget_failed_effects()
+            what = (f"expert nodes {[e for e, _ in dead]} exited (codes {[c for _, c in dead]})" if dead
+                    else "the exchange with the expert processes failed")
+            raise WorkerError(f"{what}: {err}" + logs) from err
+
+    def _run(self, batches, work, rounds):
+        state, meta = {}, {}
+        for a, i, b in work:
+            d = self.devices[a]
+            tokens, batch = jax.device_put((b.tokens, AttentionBatch(b.positions, b.seq_ids, b.page_table)), d)
+            h = embed_step(self.attention_def, self.attention_states[a], tokens)
+            state[a, i] = (h, jnp.zeros_like(h))
+            meta[a, i] = (batch, b.decode)
+        # Ping-pong order (paper §4.1): the combine of (layer, i) is issued right before the attention of
+        # (layer + 1, i), so each attention device works on micro-batch i+1 while the experts hold micro-batch i.
+        # Every channel still sees its sends, and its returns, in (layer, micro-batch) order, as the workers expect.
+        sent = {}
+
+        def send(layer: int, i: int) -> None:
+            for a in range(len(batches)):
+                if i >= len(batches[a]):
+                    continue
+                h, moe = state[a, i]
+                batch, decode = meta[a, i]
+                h, orders, weights, load, self.kv[a], self._tokens[a] = self._send_program(a)(
+                    self.attention_def, self.attention_states[a], jnp.int32(layer), jnp.int32(i), h, moe, batch,
+                    self.kv[a], self._tokens[a], decode=decode, routing=self.routing)
+                self._load = self._load + jax.device_put(load, self._load.sharding)
+                sent[a, i] = (h, orders, weights)
+
+        def combine(layer: int, i: int) -> None:
+            for a in range(len(batches)):
+                if i >= len(batches[a]):
+                    continue
+                h, orders, weights = sent[a, i]
+                moe, self._tokens[a] = self._recv_program(a)(jnp.int32(layer), jnp.int32(i), orders, weights,
+                                                             self._tokens[a])
+                state[a, i] = (h, moe)
+
+        for layer in range(self.cfg.num_layers):
+            for i in range(rounds):
+                if layer > 0:
+                    combine(layer - 1, i)
+                send(layer, i)
+        for i in range(rounds):
+            combine(self.cfg.num_layers - 1, i)
+        results = [[None] * len(node) for node in batches]
+        for a, i, b in work:
+            h, moe = state[a, i]
+            results[a][i] = head_step(self.attention_def, self.attention_states[a], h, moe, b.logit_rows,
+                                      b.temperature, b.top_p, b.top_k, b.seeds, b.steps,
+                                      num_logprobs=b.num_logprobs)
+        return jax.tree.map(np.asarray, results)
+
+    # -- shutdown ---------------------------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the workers (a stop message, then kill), close the endpoints, remove shm segments. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        _LIVE.discard(self)
+        if self.tx and all(p.poll() is None for p in self.procs):
+            stop = json.dumps({"stop": True}).encode()
+            for e in range(len(self.procs)):
+                try:
+                    self.tx[0].send(e, stop, layer=self.cfg.num_layers, micro_batch=0, timeout_s=1.0)
+                except Exception:  # noqa: BLE001 - killed below
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for ep in (*self.tx, *self.back):
+            try:
+                ep.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._stop_coordination()
+        channel = getattr(self, "channel", None)
+        if channel:
+            for seg in Path("/dev/shm").glob(f"msjax-m2n-{channel}-*"):
+                try:
+                    seg.unlink()
+                except OSError:
+                    pass
+        if os.environ.get("MSJAX_KEEP_WORKER_LOGS") is None:
+            import shutil
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
