@@ -13,6 +13,7 @@ of micro-batch i.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -71,10 +72,13 @@ def main():
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batches", default="1,2,3,4")
+    parser.add_argument("--expert-ffn", type=int, default=BALANCED.expert_ffn_size,
+                        help="expert FFN width: smaller moves T_e towards T_a on one core")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) != 1 or os.cpu_count() < 2:
         sys.exit("needs two cores")
-    model = MoEModel.random(BALANCED, seed=0)
+    model_cfg = dataclasses.replace(BALANCED, expert_ffn_size=args.expert_ffn)
+    model = MoEModel.random(model_cfg, seed=0)
     ms = [int(x) for x in args.micro_batches.split(",")]
     sizes = {m: bucket(-(-args.batch // m), args.batch) for m in ms}
     # T_a and T_e on one core (this process is pinned), calls back to back as the host loop issues them
@@ -85,7 +89,7 @@ def main():
         step_s = measure(model, m, args.batch, args.context, args.steps)
         base = base or step_s
         b = sizes[m]
-        predicted = predicted_step_seconds(t_a, t_e, BALANCED.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o)
+        predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o)
         rows.append({"m": m, "micro_batch": b, "step_ms": round(1e3 * step_s, 1),
                      "tok_s": round(args.batch / step_s, 1), "speedup": f"{base / step_s:.2f}x",
                      "predicted_ms": round(1e3 * predicted, 1), "error": f"{predicted / step_s - 1:+.0%}"})
@@ -94,11 +98,11 @@ def main():
     def show(name, c):
         return f"{name}(b) = {1e3 * c.slope:.4f} ms x b + {1e3 * c.intercept:.3f} ms"
 
-    c = BALANCED
+    c = model_cfg
     notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
-             f"{c.top_k}, float32; decode batch {args.batch}, context {args.context}; median of {args.steps} steps. "
+             f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; median of {args.steps} steps. "
              f"Profiled on one core: {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "
              f"copy), {show('T_o', t_o)} per micro-batch. Predicted = Eq. 5 (overlapped pipeline) with those.")
     path = write_results("pipeline-pinned", rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
