@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -26,9 +24,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, hardware_name, slug, write_results  # noqa: E402
-from msjax import Engine, EngineConfig, SamplingParams  # noqa: E402
+from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan, ModelConfig  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
+from msjax.planner.profiler import time_decode_steps  # noqa: E402
 from msjax.runtime.timeline import Timeline  # noqa: E402
 
 BALANCED = ModelConfig(architecture="MixtralForCausalLM", vocab_size=1024, hidden_size=512, num_layers=4,
@@ -40,16 +39,7 @@ def measure(model: MoEModel, m: int, batch: int, context: int, steps: int, trace
     cfg = EngineConfig(page_size=16, num_pages=batch * (context // 16 + 2), max_num_seqs=batch,
                        max_num_batched_tokens=2048, max_model_len=context + steps + 16)
     engine = Engine(model, cfg, plan=DeploymentPlan(1, 1, 1, 1, m))
-    sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(str(i), [(i * 7 + j) % model.cfg.vocab_size for j in range(context)], sp)
-    while engine.stats.num_decode_steps < 3:  # prefill, then compile the decode programs
-        engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
+    step_s = time_decode_steps(engine, batch, context, steps)
     timeline = Timeline()
     engine.runner.timeline = timeline
     with timeline.trace(tempfile.mkdtemp()):
@@ -57,7 +47,7 @@ def measure(model: MoEModel, m: int, batch: int, context: int, steps: int, trace
     engine.runner.timeline = None
     if trace_dir is not None:
         timeline.save(trace_dir, f"decode step, batch {batch}, m={m} ({hardware_name()})")
-    return statistics.median(times), timeline.busy_fraction()
+    return step_s, timeline.busy_fraction()
 
 
 def main():

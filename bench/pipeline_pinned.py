@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ATTENTION_CPU, EXPERT_CPU = 0, 1
@@ -28,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_results  # noqa: E402
 from bench.pipeline import BALANCED  # noqa: E402
-from msjax import Engine, EngineConfig, SamplingParams  # noqa: E402
+from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
-from msjax.planner.profiler import fit, measure_layer_times, predicted_step_seconds  # noqa: E402
+from msjax.planner.profiler import (fit, measure_layer_times, predicted_step_seconds,  # noqa: E402
+                                   time_decode_steps)
 from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
 
 
@@ -50,18 +49,7 @@ def measure(model: MoEModel, m: int, batch: int, context: int, steps: int) -> fl
     try:
         for proc in runner.procs:
             pin_process(proc.pid, EXPERT_CPU)
-        engine = Engine(model, cfg, plan=plan, runner=runner)
-        sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-        for i in range(batch):
-            engine.add_request(str(i), [(i * 7 + j) % model.cfg.vocab_size for j in range(context)], sp)
-        while engine.stats.num_decode_steps < 3:  # prefill, then compile the decode programs
-            engine.step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return time_decode_steps(Engine(model, cfg, plan=plan, runner=runner), batch, context, steps)
     finally:
         runner.close()
 

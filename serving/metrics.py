@@ -118,6 +118,9 @@ class Metrics:
                 lines.append(f"# TYPE {name} {kind}")
                 lines.extend(samples)
 
+            def scalar(name, kind, help_text, value):
+                metric(name, kind, help_text, [f"{name} {value}"])
+
             metric("msjax_time_to_first_token_seconds", "histogram", "Time from arrival to the first token.",
                    self.ttft.lines("msjax_time_to_first_token_seconds"))
             metric("msjax_time_per_output_token_seconds", "histogram",
@@ -131,26 +134,20 @@ class Metrics:
             metric("msjax_requests_rejected_total", "counter", "Requests refused before they ran, by reason.",
                    [f'msjax_requests_rejected_total{{reason="{k}"}} {v}' for k, v in sorted(self.rejected.items())]
                    or ['msjax_requests_rejected_total{reason="overloaded"} 0'])
-            metric("msjax_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
-                   [f"msjax_prompt_tokens_total {self.prompt_tokens}"])
-            metric("msjax_generation_tokens_total", "counter", "Generated tokens.",
-                   [f"msjax_generation_tokens_total {self.generation_tokens}"])
-            metric("msjax_generation_tokens_per_second", "gauge",
-                   f"Generated tokens per second over the last {self.window_s:g} s.",
-                   [f"msjax_generation_tokens_per_second {tps:.3f}"])
-            metric("msjax_engine_steps_total", "counter", "Engine steps run.", [f"msjax_engine_steps_total {self.steps}"])
-            metric("msjax_num_requests_running", "gauge", "Requests the engine is running.",
-                   [f"msjax_num_requests_running {self.running}"])
-            metric("msjax_num_requests_waiting", "gauge", "Requests admitted but not yet running.",
-                   [f"msjax_num_requests_waiting {self.waiting}"])
-            metric("msjax_queue_depth", "gauge", "Requests waiting for an engine slot (server queue).",
-                   [f"msjax_queue_depth {self.queue_depth}"])
-            metric("msjax_kv_pages_total", "gauge", "KV cache pages (all attention replicas).",
-                   [f"msjax_kv_pages_total {self.total_pages}"])
-            metric("msjax_kv_pages_used", "gauge", "KV cache pages in use.",
-                   [f"msjax_kv_pages_used {self.total_pages - self.free_pages}"])
-            metric("msjax_kv_cache_usage_ratio", "gauge", "Fraction of KV cache pages in use.",
-                   [f"msjax_kv_cache_usage_ratio {(self.total_pages - self.free_pages) / max(self.total_pages, 1):.6f}"])
+            scalar("msjax_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", self.prompt_tokens)
+            scalar("msjax_generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
+            scalar("msjax_generation_tokens_per_second", "gauge",
+                   f"Generated tokens per second over the last {self.window_s:g} s.", f"{tps:.3f}")
+            scalar("msjax_engine_steps_total", "counter", "Engine steps run.", self.steps)
+            scalar("msjax_num_requests_running", "gauge", "Requests the engine is running.", self.running)
+            scalar("msjax_num_requests_waiting", "gauge", "Requests admitted but not yet running.", self.waiting)
+            scalar("msjax_queue_depth", "gauge", "Requests waiting for an engine slot (server queue).",
+                   self.queue_depth)
+            scalar("msjax_kv_pages_total", "gauge", "KV cache pages (all attention replicas).", self.total_pages)
+            used = self.total_pages - self.free_pages
+            scalar("msjax_kv_pages_used", "gauge", "KV cache pages in use.", used)
+            scalar("msjax_kv_cache_usage_ratio", "gauge", "Fraction of KV cache pages in use.",
+                   f"{used / max(self.total_pages, 1):.6f}")
             metric("msjax_expert_tokens_total", "counter", "Tokens routed to each expert, summed over layers.",
                    [f'msjax_expert_tokens_total{{expert="{i}"}} {n}' for i, n in enumerate(self.expert_tokens)])
             return "\n".join(lines) + "\n"

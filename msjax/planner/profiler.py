@@ -107,22 +107,16 @@ class _NoDeviceRunner:
         return [[sampled(b) for b in node] for node in batches]
 
 
-def measure_host_seconds(model_cfg: ModelConfig, batch: int, context: int, m: int, steps: int = 20) -> float:
-    """Median seconds of the engine's host work in one decode step of `batch` sequences in m micro-batches
-    (T_host: what no device overlaps in the one-process loop)."""
-    import types
-
-    from msjax.engine.engine import Engine
+def time_decode_steps(engine, batch: int, context: int, steps: int, warm_decode_steps: int = 3) -> float:
+    """Queue `batch` requests of `context` prompt tokens, step through their prefill and `warm_decode_steps`
+    decode steps (which compile), then return the median seconds of `steps` more decode steps. Each request
+    has room for 8 steps past those, for a caller's traced step."""
     from msjax.engine.sampling_params import SamplingParams
-    page_size = 16
-    cfg = EngineConfig(page_size=page_size, num_pages=batch * (context // page_size + 2), max_num_seqs=batch,
-                       max_num_batched_tokens=max(2048, context), max_model_len=context + steps + 2 * page_size)
-    engine = Engine(types.SimpleNamespace(cfg=model_cfg), cfg, plan=DeploymentPlan(1, 1, 1, 1, m),
-                    runner=_NoDeviceRunner(), eos_token_ids=())
     sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
     for i in range(batch):
-        engine.add_request(str(i), [(i * 7 + j) % model_cfg.vocab_size for j in range(context)], sp)
-    while engine.stats.num_decode_steps < 2:
+        engine.add_request(str(i), [(i * 7 + j) % vocab for j in range(context)], sp)
+    while engine.stats.num_decode_steps < warm_decode_steps:
         engine.step()
     times = []
     for _ in range(steps):
@@ -130,6 +124,20 @@ def measure_host_seconds(model_cfg: ModelConfig, batch: int, context: int, m: in
         engine.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def measure_host_seconds(model_cfg: ModelConfig, batch: int, context: int, m: int, steps: int = 20) -> float:
+    """Median seconds of the engine's host work in one decode step of `batch` sequences in m micro-batches
+    (T_host: what no device overlaps in the one-process loop)."""
+    import types
+
+    from msjax.engine.engine import Engine
+    page_size = 16
+    cfg = EngineConfig(page_size=page_size, num_pages=batch * (context // page_size + 2), max_num_seqs=batch,
+                       max_num_batched_tokens=max(2048, context), max_model_len=context + steps + 2 * page_size)
+    engine = Engine(types.SimpleNamespace(cfg=model_cfg), cfg, plan=DeploymentPlan(1, 1, 1, 1, m),
+                    runner=_NoDeviceRunner(), eos_token_ids=())
+    return time_decode_steps(engine, batch, context, steps, warm_decode_steps=2)
 
 
 def fit(measured: dict[str, list[float]]):
@@ -169,4 +177,4 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
     return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
 
 
-__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "predicted_step_seconds", "profile_toml", "ModelConfig"]
+__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "time_decode_steps", "predicted_step_seconds", "profile_toml", "ModelConfig"]

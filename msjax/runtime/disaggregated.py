@@ -79,6 +79,18 @@ def head_step(graphdef, state, h, moe, logit_rows, temperature, top_p, top_k, se
     return sample(logits, temperature, top_k, top_p, seeds, steps, num_logprobs=num_logprobs)
 
 
+def sample_heads(attention_def, attention_states, batches: list[list[StepBatch]], state) -> list[list[Sampled]]:
+    """LM head and sampling of every micro-batch (state[a, i] = (h, moe) after the last layer), fetched to the
+    host: the step's one sync."""
+    results = [[None] * len(node) for node in batches]
+    for a, node in enumerate(batches):
+        for i, b in enumerate(node):
+            h, moe = state[a, i]
+            results[a][i] = head_step(attention_def, attention_states[a], h, moe, b.logit_rows, b.temperature,
+                                      b.top_p, b.top_k, b.seeds, b.steps, num_logprobs=b.num_logprobs)
+    return jax.tree.map(np.asarray, results)
+
+
 def carve_devices(plan: DeploymentPlan, devices=None) -> tuple[list[Mesh], list[Mesh]]:
     """Attention node meshes (tp_a devices each), then expert node meshes (tp_e each), in device order."""
     devices = list(devices if devices is not None else jax.devices())
@@ -194,10 +206,4 @@ class DisaggregatedRunner:
                     back = tuple(put(outputs[a, e], mesh) for e in range(len(self.expert_meshes)))
                     self._log("combine_step", "attention", a, layer, i)
                     state[a, i] = (h, combine_step(back, orders, weights))
-        results = [[None] * len(node) for node in batches]
-        for a, i, b in work:
-            h, moe = state[a, i]
-            results[a][i] = head_step(self.attention_def, self.attention_states[a], h, moe, b.logit_rows,
-                                      b.temperature, b.top_p, b.top_k, b.seeds, b.steps,
-                                      num_logprobs=b.num_logprobs)
-        return jax.tree.map(np.asarray, results)
+        return sample_heads(self.attention_def, self.attention_states, batches, state)

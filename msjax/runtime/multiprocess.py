@@ -47,7 +47,7 @@ from msjax.engine.batch import StepBatch
 from msjax.errors import ConfigError
 from msjax.kv_cache import AttentionBatch, KVCache
 from msjax.models.programs import MoEModel
-from msjax.runtime.disaggregated import attention_step, combine_step, embed_step, expert_subset, head_step
+from msjax.runtime.disaggregated import attention_step, combine_step, embed_step, expert_subset, sample_heads
 from msjax.runtime.sampler import Sampled
 
 TRANSPORTS = ("shm", "tcp")
@@ -389,6 +389,8 @@ class MultiProcessRunner:
         # (layer + 1, i), so each attention device works on micro-batch i+1 while the experts hold micro-batch i.
         # Every channel still sees its sends, and its returns, in (layer, micro-batch) order, as the workers expect.
         sent = {}
+        # layer and micro-batch indices as device scalars once per step, not two transfers per program call
+        index = [jnp.int32(k) for k in range(max(self.cfg.num_layers, rounds))]
 
         def send(layer: int, i: int) -> None:
             for a in range(len(batches)):
@@ -397,7 +399,7 @@ class MultiProcessRunner:
                 h, moe = state[a, i]
                 batch, decode = meta[a, i]
                 h, orders, weights, load, self.kv[a], self._tokens[a] = self._send_program(a)(
-                    self.attention_def, self.attention_states[a], jnp.int32(layer), jnp.int32(i), h, moe, batch,
+                    self.attention_def, self.attention_states[a], index[layer], index[i], h, moe, batch,
                     self.kv[a], self._tokens[a], decode=decode, routing=self.routing)
                 self._load = self._load + jax.device_put(load, self._load.sharding)
                 sent[a, i] = (h, orders, weights)
@@ -407,7 +409,7 @@ class MultiProcessRunner:
                 if i >= len(batches[a]):
                     continue
                 h, orders, weights = sent[a, i]
-                moe, self._tokens[a] = self._recv_program(a)(jnp.int32(layer), jnp.int32(i), orders, weights,
+                moe, self._tokens[a] = self._recv_program(a)(index[layer], index[i], orders, weights,
                                                              self._tokens[a])
                 state[a, i] = (h, moe)
 
@@ -418,13 +420,7 @@ class MultiProcessRunner:
                 send(layer, i)
         for i in range(rounds):
             combine(self.cfg.num_layers - 1, i)
-        results = [[None] * len(node) for node in batches]
-        for a, i, b in work:
-            h, moe = state[a, i]
-            results[a][i] = head_step(self.attention_def, self.attention_states[a], h, moe, b.logit_rows,
-                                      b.temperature, b.top_p, b.top_k, b.seeds, b.steps,
-                                      num_logprobs=b.num_logprobs)
-        return jax.tree.map(np.asarray, results)
+        return sample_heads(self.attention_def, self.attention_states, batches, state)
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
