@@ -10,6 +10,12 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 import gc
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis draws the same examples everywhere: under CI=true it would switch to derandomized examples by itself,
+# so a case that only CI draws could fail (or hang) there and never here.
+settings.register_profile("msjax", derandomize=True, database=None)
+settings.load_profile("msjax")
 
 
 @pytest.fixture(autouse=True, scope="module")

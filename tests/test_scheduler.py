@@ -45,12 +45,16 @@ def make_engine(plan=None, **options) -> Engine:
     return Engine(model, EngineConfig(**cfg), plan=plan, runner=FakeRunner(), eos_token_ids=())
 
 
-def run_all(engine: Engine) -> dict[str, list[int]]:
+def run_all(engine: Engine, max_steps: int = 2000) -> dict[str, list[int]]:
+    """Step until every request finishes; a livelock (steps that never finish anything) fails, not hangs."""
     out: dict[str, list[int]] = {}
-    while engine.has_unfinished():
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return out
         for d in engine.step():
             out.setdefault(d.request_id, []).extend(d.token_ids)
-    return out
+    raise AssertionError(f"not finished after {max_steps} steps: {engine.num_running()} running, "
+                         f"{engine.num_waiting()} waiting")
 
 
 def check_pages(engine: Engine) -> None:
@@ -172,6 +176,17 @@ def test_sampling_params_name_the_field(kwargs, field):
 def test_engine_config_must_hold_one_sequence():
     with pytest.raises(ConfigError, match="num_pages"):
         make_engine(num_pages=4, max_model_len=40)
+
+
+def test_prompts_that_fit_only_one_at_a_time_both_finish():
+    """Found by hypothesis: two 24-token prompts, 7 pages each of 10, used to preempt each other's prefill
+    forever while the decode step they held up never ran."""
+    engine = make_engine(num_pages=10)
+    for rid in "ab":
+        engine.add_request(rid, [5] * 24, SamplingParams(max_tokens=2))
+    out = run_all(engine, max_steps=100)
+    assert {rid: len(t) for rid, t in out.items()} == {"a": 2, "b": 2}
+    assert no_leak(engine)
 
 
 @settings(max_examples=60, deadline=None)

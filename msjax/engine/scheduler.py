@@ -4,11 +4,15 @@ Policy (small on purpose, after vLLM's and nano-vllm's):
 - A step is either a prefill step (prompt chunks, at most `max_num_batched_tokens` tokens) or a decode step
   (one token for each decoding sequence, at most `max_num_seqs`). Prefill goes first, so new requests start soon.
 - A prompt longer than the budget is prefilled in chunks over several steps.
-- A waiting request is admitted only if its pages fit while leaving one free page per decoding sequence, so
-  admissions do not immediately force preemptions.
-- When a running sequence needs a page and none is free, the latest-admitted sequence is preempted: its pages
-  are freed and it goes back to the front of the queue, to be recomputed from its prompt and the tokens it has
-  produced (its sampling keys depend only on its own seed and token index, so it continues exactly as before).
+- A waiting request is admitted only if the pages of its whole prompt fit while leaving one free page per
+  decoding sequence, and it gets them all at admission: a prompt prefilled in chunks never runs out of pages
+  part-way (two long prompts that fit only one at a time would otherwise preempt each other forever, and the
+  decode steps they hold up would never run).
+- Admission order is priority: when a running sequence needs a page and none is free, the latest-admitted
+  sequence admitted after it is preempted, or the sequence itself when it is the latest. Its pages are freed and
+  it goes back to the front of the queue, to be recomputed from its prompt and the tokens it has produced (its
+  sampling keys depend only on its own seed and token index, so it continues exactly as before). The
+  earliest-admitted sequence therefore always makes progress.
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens, budget)
-            need = seq.pages_needed(n, self.cfg.page_size)
+            need = seq.pages_needed(seq.num_tokens, self.cfg.page_size)  # the whole prompt, not just this chunk
             if self.allocator.num_free - need < reserve:
                 break
             self.waiting.popleft()
@@ -135,10 +139,12 @@ class Scheduler:
         return StepPlan(decode=True, chunks=chunks) if chunks else None
 
     def _make_room(self, seq: Sequence, need: int, scheduled: set[int]) -> bool:
-        """Allocate `need` pages for seq, preempting the latest-admitted unscheduled sequences as needed.
-        Returns False (and preempts seq itself) when only seq is left to give pages up."""
+        """Allocate `need` pages for seq, preempting the latest-admitted unscheduled sequences admitted after it.
+        Returns False (and preempts seq itself) when none is left: an earlier sequence is never preempted by a
+        later one, so the two cannot take turns preempting each other."""
         while not self.allocator.can_allocate(need):
-            victims = [s for s in self.running if s is not seq and id(s) not in scheduled]
+            later = self.running[self.running.index(seq) + 1:]
+            victims = [s for s in later if id(s) not in scheduled]
             victim = victims[-1] if victims else seq
             self._preempt(victim)
             if victim is seq:
