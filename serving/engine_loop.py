@@ -67,7 +67,7 @@ class EngineLoop:
         self._queued: deque[Submission] = deque()
         self._active: dict[str, Submission] = {}
         self._last_expert_read = time.monotonic()
-        self._has_expert_load = hasattr(engine.runner, "read_expert_load")
+        self._has_expert_load = hasattr(engine.runner, "read_expert_load")  # engine.collect_expert_load reads it
         self._thread = threading.Thread(target=self._run, name="msjax-engine-loop", daemon=True)
 
     # --- any thread ---
@@ -248,7 +248,7 @@ class EngineLoop:
         if self._has_expert_load:
             self._last_expert_read = time.monotonic()
             try:
-                self.metrics.record_expert_load(self.engine.runner.read_expert_load())
+                self.metrics.record_expert_load(self.engine.collect_expert_load())
             except Exception:  # noqa: BLE001 - metrics must not stop serving
                 log.debug("read_expert_load failed", exc_info=True)
 

@@ -235,3 +235,40 @@ def test_m_larger_than_the_running_sequences():
     engine.add_request("only", [1, 2, 3], SamplingParams(max_tokens=3))
     assert run_all(engine)["only"] == [21, 28, 35]
     assert all((b.positions >= 0).any() for b in engine.runner.batches)  # no empty micro-batch ran
+
+
+def test_metrics_reads_do_not_take_the_balancers_load():
+    """The serving loop reads the expert load for its metrics between steps; `rebalance` must still place for
+    every token routed since the previous rebalance."""
+    class CountingRunner(FakeRunner):
+        expert_meshes = [None, None]
+
+        def __init__(self):
+            super().__init__()
+            self.routed, self.placed = np.zeros(4, np.int64), None
+
+        def run(self, batches):
+            self.routed += np.array([8, 1, 1, 0]) * sum(len(b.positions) for node in batches for b in node)
+            return super().run(batches)
+
+        def read_expert_load(self):
+            load, self.routed = self.routed, np.zeros(4, np.int64)
+            return load
+
+        def set_placement(self, nodes, shares=None):
+            self.placed = nodes
+
+    model = types.SimpleNamespace(cfg=tiny_config(vocab_size=VOCAB, max_position_embeddings=64))
+    runner = CountingRunner()
+    engine = Engine(model, EngineConfig(page_size=4, num_pages=16, max_num_seqs=4, max_num_batched_tokens=8,
+                                        max_model_len=40), runner=runner, eos_token_ids=())
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4))
+    seen = np.zeros(4, np.int64)
+    while engine.has_unfinished():
+        engine.step()
+        seen += engine.collect_expert_load()  # what the metrics exporter does
+    assert seen[0] > 0
+    from msjax.balance import place_experts
+    placement = engine.rebalance(redundancy=1)
+    assert placement.nodes == place_experts(seen, 2, redundancy=1).nodes  # the whole window, not what was left
+    assert engine.rebalance().nodes == place_experts(np.zeros(4, np.int64), 2).nodes  # a new window

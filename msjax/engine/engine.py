@@ -106,6 +106,7 @@ class Engine:
                 from msjax.runtime.model_runner import ModelRunner
                 runner = ModelRunner(model, config, plan, devices)
         self.runner = runner
+        self._load_window: np.ndarray | None = None  # [num_experts] tokens since the last rebalance
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, _Detokenizer] = {}
         self._pending: list[RequestDelta] = []
@@ -285,10 +286,22 @@ class Engine:
         from msjax.balance import place_experts
         if not hasattr(self.runner, "set_placement"):
             raise InvalidRequestError("plan", "rebalancing needs a disaggregated plan (expert nodes)")
-        load = self.runner.read_expert_load()
+        self.collect_expert_load()
+        load, self._load_window = self._load_window, None
         placement = place_experts(load, len(self.runner.expert_meshes), redundancy=redundancy, min_cost=min_cost)
         self.runner.set_placement(placement.nodes, placement.shares)
         return placement
+
+    def collect_expert_load(self):
+        """Tokens routed to each expert (summed over layers) since the previous call, shape [num_experts], or
+        None when the runner counts none. The engine is the runner's only reader (reading resets the runner's
+        counter): what this returns also goes into the window the next `rebalance` places for, so a metrics
+        exporter calling this does not take the balancer's load away."""
+        if not hasattr(self.runner, "read_expert_load"):
+            return None
+        delta = np.asarray(self.runner.read_expert_load())
+        self._load_window = delta.copy() if self._load_window is None else self._load_window + delta
+        return delta
 
     def num_free_pages(self) -> int:
         return sum(r.allocator.num_free for r in self.replicas)
