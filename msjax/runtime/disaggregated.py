@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from msjax.comm import Packet, Routing, combine_returned, pack, transport_for
 from msjax.config import DeploymentPlan, EngineConfig
@@ -129,7 +130,10 @@ class DisaggregatedRunner:
         self.attention_states = [sharding.shard_state(model.attention_state, sharding.ATTENTION_TP_RULES, mesh)
                                  for mesh in self.attention_meshes]
         self.set_placement(plan.expert_placement(model.cfg.num_experts))
-        self._load = jnp.zeros(model.cfg.num_experts, jnp.int32)
+        # [num_experts] tokens routed per expert since the last read, one counter per attention node on its
+        # devices (an add there per layer, no transfer)
+        self._loads = [jax.device_put(jnp.zeros(model.cfg.num_experts, jnp.int32), NamedSharding(mesh, P()))
+                       for mesh in self.attention_meshes]
         shape = (model.cfg.num_layers * cfg.num_pages, cfg.page_size, model.cfg.num_kv_heads, model.cfg.head_dim)
         self.kv = [KVCache.create(model.cfg, cfg.num_pages, cfg.page_size, dtype=model.dtype,
                                   sharding=sharding.kv_sharding(shape, sharding.ATTENTION_TP_RULES, mesh))
@@ -153,7 +157,8 @@ class DisaggregatedRunner:
 
     def read_expert_load(self) -> np.ndarray:
         """Tokens routed to each expert (summed over layers) since the last read; one host sync."""
-        load, self._load = np.asarray(self._load), jnp.zeros_like(self._load)
+        load = sum(np.asarray(x) for x in self._loads)
+        self._loads = [jnp.zeros_like(x) for x in self._loads]
         return load
 
     def _log(self, program: str, group: str, node: int, layer: int, micro_batch: int) -> None:
@@ -188,7 +193,7 @@ class DisaggregatedRunner:
                         self.attention_def, self.attention_states[a], layer_index, h, moe, batch, self.kv[a],
                         decode=decode, routing=self.routing)
                     sent[a] = (h, packets, orders, weights)
-                    self._load = self._load + jax.device_put(load, self._load.sharding)
+                    self._loads[a] = self._loads[a] + load
                     if self.traffic is not None:
                         self.traffic.append({"layer": layer, "micro_batch": i, "attention_node": a,
                                              "topk_ids": topk_ids, "valid": batch.positions >= 0,

@@ -166,7 +166,9 @@ class MultiProcessRunner:
         ec = self.engine_config
         self.kv = [jax.device_put(KVCache.create(mcfg, ec.num_pages, ec.page_size, dtype=model.dtype), d)
                    for d in self.devices]
-        self._load = jnp.zeros(mcfg.num_experts, jnp.int32)
+        # [num_experts] tokens routed per expert since the last read, one counter per attention node on its
+        # device, added to inside the send program (no eager op or transfer per layer)
+        self._loads = [jax.device_put(jnp.zeros(mcfg.num_experts, jnp.int32), d) for d in self.devices]
         kernels = getattr(nnx.merge(model.expert_def, model.expert_state), "kernels", None)
 
         port = _free_port()
@@ -280,8 +282,10 @@ class MultiProcessRunner:
             from msjax.comm import native
             tx = self.tx[a]
 
-            @partial(jax.jit, static_argnames=("graphdef", "decode", "routing"), donate_argnames=("kv",))
-            def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, *, decode, routing):
+            @partial(jax.jit, static_argnames=("graphdef", "decode", "routing"),
+                     donate_argnames=("kv", "load_total"))
+            def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total, *, decode,
+                     routing):
                 h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
                                                                           decode=decode, routing=routing)
                 sent = []
@@ -290,7 +294,7 @@ class MultiProcessRunner:
                                                                       token))  # after the previous send
                     sent.append(native.m2n_send(payload, count, tx, receiver=e, layer=layer,
                                                 micro_batch=micro_batch))
-                return h, orders, weights, load, kv, jnp.sum(jnp.stack(sent))
+                return h, orders, weights, load_total + load, kv, jnp.sum(jnp.stack(sent))
             self._programs[key] = send
         return self._programs[key]
 
@@ -318,7 +322,7 @@ class MultiProcessRunner:
         ab = AttentionBatch(*(jnp.asarray(x) for x in (batch.positions, batch.seq_ids, batch.page_table)))
         h = embed_step(self.attention_def, self.attention_states[a], jax.device_put(batch.tokens, d))
         send = self._send_program(a).lower(self.attention_def, self.attention_states[a], jnp.int32(0),
-                                           jnp.int32(0), h, h, ab, self.kv[a], self._tokens[a],
+                                           jnp.int32(0), h, h, ab, self.kv[a], self._tokens[a], self._loads[a],
                                            decode=batch.decode, routing=self.routing)
         shape = jax.eval_shape(lambda: attention_step(self.attention_def, self.attention_states[a], jnp.int32(0),
                                                       h, h, ab, self.kv[a], decode=batch.decode,
@@ -338,7 +342,8 @@ class MultiProcessRunner:
                           "restart with a plan that names the placement")
 
     def read_expert_load(self) -> np.ndarray:
-        load, self._load = np.asarray(self._load), jnp.zeros_like(self._load)
+        load = sum(np.asarray(x) for x in self._loads)
+        self._loads = [jnp.zeros_like(x) for x in self._loads]
         return load
 
     def run(self, batches: list[list[StepBatch]]) -> list[list[Sampled]]:
@@ -398,10 +403,9 @@ class MultiProcessRunner:
                     continue
                 h, moe = state[a, i]
                 batch, decode = meta[a, i]
-                h, orders, weights, load, self.kv[a], self._tokens[a] = self._send_program(a)(
+                h, orders, weights, self._loads[a], self.kv[a], self._tokens[a] = self._send_program(a)(
                     self.attention_def, self.attention_states[a], index[layer], index[i], h, moe, batch,
-                    self.kv[a], self._tokens[a], decode=decode, routing=self.routing)
-                self._load = self._load + jax.device_put(load, self._load.sharding)
+                    self.kv[a], self._tokens[a], self._loads[a], decode=decode, routing=self.routing)
                 sent[a, i] = (h, orders, weights)
 
         def combine(layer: int, i: int) -> None:
