@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 ATTENTION_CPU, EXPERT_CPU = 0, 1
@@ -41,7 +43,17 @@ def pin_process(pid: int, cpu: int) -> None:
         os.sched_setaffinity(int(tid), {cpu})
 
 
-def measure(model: MoEModel, m: int, batch: int, context: int, steps: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(model: MoEModel, m: int, batch: int, context: int, steps: int) -> tuple[float, float, float]:
+    """Median decode step seconds, and the busy fraction (CPU time / wall time over the timed steps) of the
+    attention process and of the expert process. Busy includes the M2N waits' short polling phase (up to
+    MSJAX_M2N_POLL_US, default 200 µs, before a waiter sleeps)."""
     cfg = EngineConfig(page_size=16, num_pages=batch * (context // 16 + 2), max_num_seqs=batch,
                        max_num_batched_tokens=max(batch, 256), max_model_len=context + steps + 16)
     plan = DeploymentPlan(1, 1, 1, 1, m, transport="shm")
@@ -49,7 +61,17 @@ def measure(model: MoEModel, m: int, batch: int, context: int, steps: int) -> fl
     try:
         for proc in runner.procs:
             pin_process(proc.pid, EXPERT_CPU)
-        return time_decode_steps(Engine(model, cfg, plan=plan, runner=runner), batch, context, steps)
+        pids = (os.getpid(), runner.procs[0].pid)
+        marks = {}
+
+        def around(when: str) -> None:
+            marks[when] = (time.perf_counter(), [cpu_seconds(p) for p in pids])
+
+        step_s = time_decode_steps(Engine(model, cfg, plan=plan, runner=runner), batch, context, steps,
+                                   around=around)
+        wall = marks["stop"][0] - marks["start"][0]
+        busy = [(b - a) / wall for a, b in zip(marks["start"][1], marks["stop"][1])]
+        return step_s, busy[0], busy[1]
     finally:
         runner.close()
 
@@ -62,6 +84,8 @@ def main():
     parser.add_argument("--micro-batches", default="1,2,3,4")
     parser.add_argument("--expert-ffn", type=int, default=BALANCED.expert_ffn_size,
                         help="expert FFN width: smaller moves T_e towards T_a on one core")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per m (a fresh worker each); the table gives their median and each run")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) != 1 or os.cpu_count() < 2:
         sys.exit("needs two cores")
@@ -72,13 +96,22 @@ def main():
     # T_a and T_e on one core (this process is pinned), calls back to back as the host loop issues them
     measured = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=8)
     t_a, t_e, t_c, t_o = fit(measured)
+    runs = {m: [] for m in ms}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine does not land on one m only
+        for m in ms:
+            runs[m].append(measure(model, m, args.batch, args.context, args.steps))
+            print(f"m={m}: {1e3 * runs[m][-1][0]:.1f} ms, busy {runs[m][-1][1]:.0%} / {runs[m][-1][2]:.0%}",
+                  flush=True)
     rows, base = [], None
     for m in ms:
-        step_s = measure(model, m, args.batch, args.context, args.steps)
+        step_s = statistics.median(r[0] for r in runs[m])
         base = base or step_s
         b = sizes[m]
         predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o)
         rows.append({"m": m, "micro_batch": b, "step_ms": round(1e3 * step_s, 1),
+                     "spread_ms": " / ".join(f"{1e3 * r[0]:.1f}" for r in runs[m]),
+                     "busy_attention": f"{statistics.median(r[1] for r in runs[m]):.0%}",
+                     "busy_experts": f"{statistics.median(r[2] for r in runs[m]):.0%}",
                      "tok_s": round(args.batch / step_s, 1), "speedup": f"{base / step_s:.2f}x",
                      "predicted_ms": round(1e3 * predicted, 1), "error": f"{predicted / step_s - 1:+.0%}"})
         print(rows[-1], flush=True)
@@ -90,11 +123,17 @@ def main():
     notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
-             f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; median of {args.steps} steps. "
+             f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; "
+             f"per run the median of {args.steps} steps, {args.repeats} runs per m (interleaved), the table "
+             f"gives their median and each run; busy = CPU time / wall time of each process over the timed "
+             f"steps. "
              f"Profiled on one core: {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "
              f"copy), {show('T_o', t_o)} per micro-batch. Predicted = Eq. 5 (overlapped pipeline) with those.")
-    path = write_results("pipeline-pinned", rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
-                                                   ("step_ms", "decode step (ms)"), ("tok_s", "tokens/s"),
+    name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
+    path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
+                                                   ("step_ms", "decode step (ms)"), ("spread_ms", "runs (ms)"),
+                                                   ("busy_attention", "attention busy"),
+                                                   ("busy_experts", "experts busy"), ("tok_s", "tokens/s"),
                                                    ("speedup", "vs m=1"), ("predicted_ms", "Eq. 5 predicted (ms)"),
                                                    ("error", "error")], notes)
     print(f"wrote {path}")

@@ -71,7 +71,11 @@ def m2n_send(rows: jax.Array, count: jax.Array, sender: Sender, *, receiver: int
     tagged (layer, micro_batch) — ints or traced int32 scalars. Returns `count` as an int32 scalar, to order later
     work (e.g. `m2n_recv(after=...)`) after the send."""
     register_ffi_targets()
-    call = jax.ffi.ffi_call("m2n_send", jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True)
+    # Not has_side_effect: a side-effecting call gives the program an effect, and JAX then dispatches every call
+    # of it through its Python path (no C++ fast path: about 1 ms of host time per call here, on the core the
+    # programs run on). The result, which callers return or feed to `m2n_recv(after=...)`, keeps the call alive
+    # and ordered; distinct attributes (receiver, handle) keep XLA from merging two sends.
+    call = jax.ffi.ffi_call("m2n_send", jax.ShapeDtypeStruct((), jnp.int32))
     return call(rows, jnp.asarray(count, jnp.int32).reshape(()), _tag(layer, micro_batch),
                 handle=np.int64(sender.handle), receiver=np.int32(receiver),
                 timeout_s=np.float32(sender.timeout_s if timeout_s is None else timeout_s))
@@ -82,11 +86,11 @@ def m2n_recv(receiver: Receiver, *, sender: int, like: jax.ShapeDtypeStruct | ja
              after: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Receives the next packet from `sender` into a buffer shaped like `like` [capacity, ...]: (rows, count),
     rows past `count` zero. The message must be tagged (layer, micro_batch) (ints or traced scalars), else a
-    clear error. `after` (e.g. an m2n_send result) orders the receive after the op that made it: XLA keeps
-    side-effecting calls alive but orders them only by data dependence."""
+    clear error. `after` (e.g. an m2n_send result) orders the receive after the op that made it: XLA orders
+    these calls only by data dependence, and keeps them only while their results are used."""
     register_ffi_targets()
     shape = jax.ShapeDtypeStruct(like.shape, like.dtype)
-    call = jax.ffi.ffi_call("m2n_recv", (shape, jax.ShapeDtypeStruct((), jnp.int32)), has_side_effect=True)
+    call = jax.ffi.ffi_call("m2n_recv", (shape, jax.ShapeDtypeStruct((), jnp.int32)))  # see m2n_send
     after = jnp.zeros((), jnp.int32) if after is None else jnp.asarray(after, jnp.int32).reshape(())
     return call(_tag(layer, micro_batch), after, handle=np.int64(receiver.handle), sender=np.int32(sender),
                 timeout_s=np.float32(receiver.timeout_s if timeout_s is None else timeout_s))

@@ -12,6 +12,7 @@ Each is timed on the device it would run on, synchronised per call, median over 
 from __future__ import annotations
 
 import statistics
+from typing import Callable
 import time
 
 import jax
@@ -107,10 +108,12 @@ class _NoDeviceRunner:
         return [[sampled(b) for b in node] for node in batches]
 
 
-def time_decode_steps(engine, batch: int, context: int, steps: int, warm_decode_steps: int = 3) -> float:
+def time_decode_steps(engine, batch: int, context: int, steps: int, warm_decode_steps: int = 3,
+                      around: Callable[[str], None] | None = None) -> float:
     """Queue `batch` requests of `context` prompt tokens, step through their prefill and `warm_decode_steps`
     decode steps (which compile), then return the median seconds of `steps` more decode steps. Each request
-    has room for 8 steps past those, for a caller's traced step."""
+    has room for 8 steps past those, for a caller's traced step. `around("start")` / `around("stop")` are
+    called right before and after the timed steps (a caller's CPU-time probe)."""
     from msjax.engine.sampling_params import SamplingParams
     sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     vocab = engine.model_config.vocab_size
@@ -119,10 +122,14 @@ def time_decode_steps(engine, batch: int, context: int, steps: int, warm_decode_
     while engine.stats.num_decode_steps < warm_decode_steps:
         engine.step()
     times = []
+    if around is not None:
+        around("start")
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
+    if around is not None:
+        around("stop")
     return statistics.median(times)
 
 
