@@ -145,7 +145,8 @@ def _skewed_model(top_k: int, hot: int) -> MoEModel:
     return m
 
 
-@pytest.mark.parametrize("top_k", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("top_k", [1, 2])
 def test_routing_extremes(top_k):
     """Every token to one expert (top-1: three experts receive nothing), one sequence split into 4
     micro-batches (m larger than the running sequences)."""
@@ -177,6 +178,7 @@ def test_plan_errors_name_the_problem():
         DeploymentPlan.from_toml("[plan]\nattention_node = 2\n")
 
 
+@pytest.mark.slow
 def test_timeline_from_the_device_trace(tmp_path):
     import json
 
@@ -211,6 +213,7 @@ def test_timeline_from_the_device_trace(tmp_path):
     assert paths["png"].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_rebalance_mid_run_moves_weights_and_keeps_outputs():
     m = _skewed_model(top_k=2, hot=1)  # expert 1 takes every token: a hot expert worth replicating
     reqs = [(f"r{i}", [3 + i, 9, 2 * i + 1, 7], SamplingParams(max_tokens=8, temperature=0, logprobs=3,

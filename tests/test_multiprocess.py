@@ -107,6 +107,7 @@ def test_more_plans(plan):
     _check_generation(plan)
 
 
+@pytest.mark.slow
 def test_worker_that_fails_to_start_is_a_clear_error():
     from msjax.runtime.multiprocess import MultiProcessRunner, WorkerError
     before = _segments()

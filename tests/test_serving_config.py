@@ -140,6 +140,7 @@ def test_token_and_tls(secure_server):
 
 # --- the command line, on its defaults (the disaggregated plan over 8 host devices) ---
 
+@pytest.mark.slow
 def test_msjax_serve_cli_default_plan(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets the device count itself
     proc = subprocess.Popen([sys.executable, "-m", "msjax", "serve", "--grpc-port", "0", "--http-port", "0"],
