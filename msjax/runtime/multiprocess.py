@@ -33,7 +33,6 @@ import threading
 import time
 import uuid
 import weakref
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -276,44 +275,65 @@ class MultiProcessRunner:
 
     # -- programs ---------------------------------------------------------------------------------------------
 
+    def _send_body(self, a: int):
+        """Attention of one (layer, micro-batch) on node a, then its packets to every expert node (m2n_send)."""
+        from msjax.comm import native
+        tx = self.tx[a]
+
+        def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total, *, decode, routing):
+            h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
+                                                                      decode=decode, routing=routing)
+            sent = []
+            for e, p in enumerate(packets):
+                payload, count, _ = jax.lax.optimization_barrier((pack_rows(p.rows, p.expert_ids), p.count,
+                                                                  token))  # after the previous send
+                sent.append(native.m2n_send(payload, count, tx, receiver=e, layer=layer, micro_batch=micro_batch))
+            return h, orders, weights, load_total + load, kv, jnp.sum(jnp.stack(sent))
+        return send
+
+    def _recv_body(self, a: int):
+        """The expert outputs of one (layer, micro-batch) back from every expert node (m2n_recv), combined."""
+        from msjax.comm import native
+        rx, hidden, dtype = self.back[a], self.hidden, self.dtype
+
+        def recv(layer, micro_batch, orders, weights, token):
+            outs = []
+            for e, order in enumerate(orders):
+                like = jax.ShapeDtypeStruct((order.shape[0], hidden), dtype)
+                out, _ = native.m2n_recv(rx, sender=e, like=like, layer=layer, micro_batch=micro_batch,
+                                         after=token)
+                outs.append(out)
+            return combine_step(tuple(outs), orders, weights), token + 1
+        return recv
+
     def _send_program(self, a: int):
         key = ("send", a)
         if key not in self._programs:
-            from msjax.comm import native
-            tx = self.tx[a]
-
-            @partial(jax.jit, static_argnames=("graphdef", "decode", "routing"),
-                     donate_argnames=("kv", "load_total"))
-            def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total, *, decode,
-                     routing):
-                h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
-                                                                          decode=decode, routing=routing)
-                sent = []
-                for e, p in enumerate(packets):
-                    payload, count, _ = jax.lax.optimization_barrier((pack_rows(p.rows, p.expert_ids), p.count,
-                                                                      token))  # after the previous send
-                    sent.append(native.m2n_send(payload, count, tx, receiver=e, layer=layer,
-                                                micro_batch=micro_batch))
-                return h, orders, weights, load_total + load, kv, jnp.sum(jnp.stack(sent))
-            self._programs[key] = send
+            self._programs[key] = jax.jit(self._send_body(a), static_argnames=("graphdef", "decode", "routing"),
+                                          donate_argnames=("kv", "load_total"))
         return self._programs[key]
 
     def _recv_program(self, a: int):
         key = ("recv", a)
         if key not in self._programs:
-            from msjax.comm import native
-            rx, hidden, dtype = self.back[a], self.hidden, self.dtype
+            self._programs[key] = jax.jit(self._recv_body(a))
+        return self._programs[key]
 
-            @jax.jit
-            def recv(layer, micro_batch, orders, weights, token):
-                outs = []
-                for e, order in enumerate(orders):
-                    like = jax.ShapeDtypeStruct((order.shape[0], hidden), dtype)
-                    out, _ = native.m2n_recv(rx, sender=e, like=like, layer=layer, micro_batch=micro_batch,
-                                             after=token)
-                    outs.append(out)
-                return combine_step(tuple(outs), orders, weights), token + 1
-            self._programs[key] = recv
+    def _combine_send_program(self, a: int):
+        """The combine of (layer - 1, i) and the attention and send of (layer, i) as one program: the ping-pong
+        order issues them back to back anyway, and one call instead of two halves the host's dispatch work,
+        which shares the attention node's core (or GPU host thread) with everything else."""
+        key = ("combine_send", a)
+        if key not in self._programs:
+            send, recv = self._send_body(a), self._recv_body(a)
+
+            def combine_send(graphdef, state, prev_layer, layer, micro_batch, h, orders, weights, batch, kv, token,
+                             load_total, *, decode, routing):
+                moe, token = recv(prev_layer, micro_batch, orders, weights, token)
+                return send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total,
+                            decode=decode, routing=routing)
+            self._programs[key] = jax.jit(combine_send, static_argnames=("graphdef", "decode", "routing"),
+                                          donate_argnames=("kv", "load_total"))
         return self._programs[key]
 
     def lower_attention(self, batch: StepBatch, a: int = 0) -> str:
@@ -417,11 +437,24 @@ class MultiProcessRunner:
                                                              self._tokens[a])
                 state[a, i] = (h, moe)
 
+        def combine_send(layer: int, i: int) -> None:
+            for a in range(len(batches)):
+                if i >= len(batches[a]):
+                    continue
+                h, orders, weights = sent[a, i]
+                batch, decode = meta[a, i]
+                h, orders, weights, self._loads[a], self.kv[a], self._tokens[a] = self._combine_send_program(a)(
+                    self.attention_def, self.attention_states[a], index[layer - 1], index[layer], index[i], h,
+                    orders, weights, batch, self.kv[a], self._tokens[a], self._loads[a], decode=decode,
+                    routing=self.routing)
+                sent[a, i] = (h, orders, weights)
+
         for layer in range(self.cfg.num_layers):
             for i in range(rounds):
-                if layer > 0:
-                    combine(layer - 1, i)
-                send(layer, i)
+                if layer == 0:
+                    send(layer, i)
+                else:
+                    combine_send(layer, i)  # = combine(layer - 1, i), then send(layer, i), in one program
         for i in range(rounds):
             combine(self.cfg.num_layers - 1, i)
         return sample_heads(self.attention_def, self.attention_states, batches, state)
