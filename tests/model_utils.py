@@ -55,3 +55,14 @@ def run_requests(engine, requests) -> dict[str, tuple[list[int], list[dict]]]:
             tokens += d.token_ids
             lps += d.logprobs or []
     return out
+
+
+def assert_same_outputs(got, want) -> None:
+    """`run_requests` results of two deployments: the same tokens, and each step's top logprobs within 1e-4 of
+    their scale."""
+    for rid, (tokens, lps) in want.items():
+        assert got[rid][0] == tokens, rid
+        for mine, theirs in zip(got[rid][1], lps):
+            a = np.array([mine[t] for t in theirs])
+            b = np.array(list(theirs.values()))
+            assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)) + 1e-6, rid

@@ -14,7 +14,7 @@ from msjax.config import DeploymentPlan, EngineConfig
 from msjax.engine.engine import Engine
 from msjax.models import load
 from msjax.models.programs import MoEModel
-from tests.model_utils import run_requests, tiny_config
+from tests.model_utils import assert_same_outputs, run_requests, tiny_config
 
 OPTIONS = dict(page_size=8, num_pages=24, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96)
 PLANS = {  # (n_a, tp_a, E, tp_e, m) from the issue
@@ -70,15 +70,6 @@ def reference(family):
     return REFERENCE[family]
 
 
-def _assert_equivalent(got, want):
-    for rid, (tokens, lps) in want.items():
-        assert got[rid][0] == tokens, rid
-        for mine, theirs in zip(got[rid][1], lps):
-            a = np.array([mine[t] for t in theirs])
-            b = np.array(list(theirs.values()))
-            assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)) + 1e-6, rid
-
-
 @pytest.mark.parametrize("family,plan_name", [
     # the quick subset runs the quick plans on one family; the full suite every plan on both
     pytest.param(f, p, marks=() if p in QUICK and f == "mixtral" else pytest.mark.slow)
@@ -87,7 +78,7 @@ def test_plan_matches_single_device(family, plan_name):
     assert len(jax.devices()) == 8
     m = model(family)
     engine = Engine(m, EngineConfig(**OPTIONS), plan=PLANS[plan_name])
-    _assert_equivalent(_run(engine, _requests(m.cfg)), reference(family))
+    assert_same_outputs(_run(engine, _requests(m.cfg)), reference(family))
 
 
 @pytest.mark.slow
@@ -154,7 +145,7 @@ def test_routing_extremes(top_k):
     reqs = [("one", [5, 9, 2, 7, 1], SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))]
     want = _run(Engine(m, EngineConfig(**OPTIONS)), reqs)
     got = _run(Engine(m, EngineConfig(**OPTIONS), plan=DeploymentPlan(1, 1, 2, 1, 4)), reqs)
-    _assert_equivalent(got, want)
+    assert_same_outputs(got, want)
 
 
 def test_plan_errors_name_the_problem():
@@ -245,7 +236,7 @@ def test_rebalance_mid_run_moves_weights_and_keeps_outputs():
             tokens += d.token_ids
             lps += d.logprobs or []
     assert not engine.has_unfinished()
-    _assert_equivalent(got, want)
+    assert_same_outputs(got, want)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from msjax.config import DeploymentPlan, EngineConfig
 from msjax.engine.engine import Engine
 from msjax.errors import ConfigError
 from msjax.models.programs import MoEModel
-from tests.model_utils import run_requests, tiny_config
+from tests.model_utils import assert_same_outputs, run_requests, tiny_config
 
 # hard limits: every M2N wait times out (60 s), start-up gives up after 120 s, subprocesses are waited with a timeout
 pytestmark = pytest.mark.skipif(not native.is_built(), reason="native M2N library not built")
@@ -53,15 +53,6 @@ def _segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("msjax-m2n-mp*")}
 
 
-def _assert_same(got, want):
-    for rid, (tokens, lps) in want.items():
-        assert got[rid][0] == tokens, rid
-        for mine, theirs in zip(got[rid][1], lps):
-            a = np.array([mine[t] for t in theirs])
-            b = np.array(list(theirs.values()))
-            assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)) + 1e-6, rid
-
-
 def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
     want = _reference()
     before = _segments()
@@ -75,7 +66,7 @@ def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
         run = runner.run
         runner.run = lambda batches: (seen.append(batches), run(batches))[1]
         got = run_requests(engine, _requests())
-        _assert_same(got, want)
+        assert_same_outputs(got, want)
         assert engine.num_free_pages() == engine.num_total_pages()
         assert runner.read_expert_load().sum() > 0
         shapes = {(b.tokens.shape, b.page_table.shape, b.decode) for step in seen for b in step[0]}  # node 0
