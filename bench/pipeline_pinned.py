@@ -32,8 +32,8 @@ from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
-from msjax.planner.profiler import (fit, measure_layer_times, predicted_step_seconds,  # noqa: E402
-                                   time_decode_steps)
+from msjax.planner.profiler import (fit, measure_host_seconds, measure_layer_times,  # noqa: E402
+                                   predicted_step_seconds, time_decode_steps)
 from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
 
 
@@ -52,8 +52,8 @@ def cpu_seconds(pid: int) -> float:
 
 def measure(model: MoEModel, m: int, batch: int, context: int, steps: int) -> tuple[float, float, float]:
     """Median decode step seconds, and the busy fraction (CPU time / wall time over the timed steps) of the
-    attention process and of the expert process. Busy includes the M2N waits' short polling phase (up to
-    MSJAX_M2N_POLL_US, default 200 µs, before a waiter sleeps)."""
+    attention process and of the expert process. Busy includes the M2N waits' polling phase (up to
+    MSJAX_M2N_POLL_US before a waiter sleeps)."""
     cfg = EngineConfig(page_size=16, num_pages=batch * (context // 16 + 2), max_num_seqs=batch,
                        max_num_batched_tokens=max(batch, 256), max_model_len=context + steps + 16)
     plan = DeploymentPlan(1, 1, 1, 1, m, transport="shm")
@@ -84,9 +84,14 @@ def main():
     parser.add_argument("--micro-batches", default="1,2,3,4")
     parser.add_argument("--expert-ffn", type=int, default=BALANCED.expert_ffn_size,
                         help="expert FFN width: smaller moves T_e towards T_a on one core")
+    parser.add_argument("--poll-us", type=int, default=20000,
+                        help="MSJAX_M2N_POLL_US for both processes: how long an M2N wait polls before it sleeps. "
+                             "Each node owns its core here (as a GPU's proxy thread polls), and a sleeping vCPU "
+                             "can take hundreds of µs to wake; 200 is the library's default")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per m (a fresh worker each); the table gives their median and each run")
     args = parser.parse_args()
+    os.environ["MSJAX_M2N_POLL_US"] = str(args.poll_us)  # read at the first wait; the workers inherit it
     if len(os.sched_getaffinity(0)) != 1 or os.cpu_count() < 2:
         sys.exit("needs two cores")
     model_cfg = dataclasses.replace(BALANCED, expert_ffn_size=args.expert_ffn)
@@ -96,6 +101,9 @@ def main():
     # T_a and T_e on one core (this process is pinned), calls back to back as the host loop issues them
     measured = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=8)
     t_a, t_e, t_c, t_o = fit(measured)
+    # T_host: the engine's own work per step (scheduling, batch building, output handling), which nothing
+    # overlaps: measured with a runner that returns at once, on this core
+    host = {m: measure_host_seconds(model_cfg, args.batch, args.context, m) for m in ms}
     runs = {m: [] for m in ms}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine does not land on one m only
         for m in ms:
@@ -107,13 +115,15 @@ def main():
         step_s = statistics.median(r[0] for r in runs[m])
         base = base or step_s
         b = sizes[m]
-        predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o)
+        predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o,
+                                           t_host=host[m])
         rows.append({"m": m, "micro_batch": b, "step_ms": round(1e3 * step_s, 1),
                      "spread_ms": " / ".join(f"{1e3 * r[0]:.1f}" for r in runs[m]),
                      "busy_attention": f"{statistics.median(r[1] for r in runs[m]):.0%}",
                      "busy_experts": f"{statistics.median(r[2] for r in runs[m]):.0%}",
                      "tok_s": round(args.batch / step_s, 1), "speedup": f"{base / step_s:.2f}x",
-                     "predicted_ms": round(1e3 * predicted, 1), "error": f"{predicted / step_s - 1:+.0%}"})
+                     "host_ms": round(1e3 * host[m], 1), "predicted_ms": round(1e3 * predicted, 1),
+                     "error": f"{predicted / step_s - 1:+.0%}"})
         print(rows[-1], flush=True)
 
     def show(name, c):
@@ -126,15 +136,20 @@ def main():
              f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; "
              f"per run the median of {args.steps} steps, {args.repeats} runs per m (interleaved), the table "
              f"gives their median and each run; busy = CPU time / wall time of each process over the timed "
-             f"steps. "
+             f"steps, M2N polling included (MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it "
+             f"sleeps, so with a long budget busy is near 100% and says little). "
+             f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
+             f"ping-pong order). "
              f"Profiled on one core: {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "
-             f"copy), {show('T_o', t_o)} per micro-batch. Predicted = Eq. 5 (overlapped pipeline) with those.")
+             f"copy), {show('T_o', t_o)} per micro-batch; T_host = the engine's host work per step, measured with a "
+             f"runner that returns at once. Predicted = Eq. 5 (overlapped pipeline) + m x T_o + T_host.")
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
     path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
                                                    ("step_ms", "decode step (ms)"), ("spread_ms", "runs (ms)"),
                                                    ("busy_attention", "attention busy"),
                                                    ("busy_experts", "experts busy"), ("tok_s", "tokens/s"),
-                                                   ("speedup", "vs m=1"), ("predicted_ms", "Eq. 5 predicted (ms)"),
+                                                   ("speedup", "vs m=1"), ("host_ms", "T_host (ms)"),
+                                                   ("predicted_ms", "Eq. 5 predicted (ms)"),
                                                    ("error", "error")], notes)
     print(f"wrote {path}")
 

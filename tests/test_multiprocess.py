@@ -69,10 +69,11 @@ def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
         assert_same_outputs(got, want)
         assert engine.num_free_pages() == engine.num_total_pages()
         assert runner.read_expert_load().sum() > 0
-        shapes = {(b.tokens.shape, b.page_table.shape, b.decode) for step in seen for b in step[0]}  # node 0
-        assert runner._send_program(0)._cache_size() == len(shapes)  # one compile per shape, every layer
-        if check_hlo:  # the data path is inside the programs: the attention side holds both custom calls
-            text = runner.lower_attention(seen[0][0][0])
+        signatures = {tuple((b.tokens.shape, b.page_table.shape, b.decode, b.num_logprobs) for b in step[0])
+                      for step in seen}  # node 0
+        assert runner._step_program(0)._cache_size() == len(signatures)  # one compile per step signature
+        if check_hlo:  # the data path is inside the program: the attention side holds both custom calls
+            text = runner.lower_attention(seen[0][0])
             assert "m2n_send" in text and "m2n_recv" in text
     finally:
         engine.close()

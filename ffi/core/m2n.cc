@@ -21,7 +21,9 @@ constexpr uint64_t kSlotPrefix = 128;  // SlotControl (64) + MessageHeader padde
 constexpr auto kWaitRound = std::chrono::milliseconds(50);
 
 // How long a waiter keeps polling (yielding the core between polls) before it sleeps on the futex:
-// MSJAX_M2N_POLL_US, default 200 µs. Longer trades CPU for latency when processes outnumber cores.
+// MSJAX_M2N_POLL_US, default 200 µs. Longer buys latency with CPU time: worth it when every process owns a core
+// (a sleeping vCPU can take hundreds of µs to wake; bench/pipeline_pinned.py polls 20 ms), not when processes
+// outnumber cores (a poller then takes the core from the peer it waits for).
 std::chrono::microseconds PollBudget() {
   static const std::chrono::microseconds budget = [] {
     const char* text = std::getenv("MSJAX_M2N_POLL_US");

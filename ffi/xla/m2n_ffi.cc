@@ -53,7 +53,7 @@ ffi::ErrorOr<std::pair<uint32_t, uint32_t>> Tag(const ffi::Buffer<ffi::S32>& tag
 }
 
 ffi::Error SendImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> tag,
-                    ffi::Result<ffi::Buffer<ffi::S32>> sent, int64_t handle, int32_t receiver, float timeout_s) {
+                    ffi::Buffer<ffi::S32> /*after: ordering only*/, ffi::Result<ffi::Buffer<ffi::S32>> sent, int64_t handle, int32_t receiver, float timeout_s) {
   auto row_bytes = RowBytes(rows);
   if (row_bytes.has_error()) return row_bytes.error();
   auto tags = Tag(tag, "m2n_send");
@@ -109,6 +109,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(M2nSend, m2n::SendImpl,
                                   .Arg<xla::ffi::AnyBuffer>()                    // rows [capacity, ...]
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()        // count [] valid rows
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()        // tag [2] (layer, micro-batch)
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()        // after []: orders this send
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()        // sent [] = count (an effect token)
                                   .Attr<int64_t>("handle")                       // sender endpoint
                                   .Attr<int32_t>("receiver")                     // receiver index in [0, N)

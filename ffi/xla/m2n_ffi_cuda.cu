@@ -141,7 +141,8 @@ ffi::Error Cuda(cudaError_t rc, const char* what) {
 }
 
 ffi::Error SendCuda(cudaStream_t stream, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> tag,
-                    ffi::Result<ffi::Buffer<ffi::S32>> sent, int64_t handle, int32_t receiver, float timeout_s) {
+                    ffi::Buffer<ffi::S32> /*after: ordering only*/, ffi::Result<ffi::Buffer<ffi::S32>> sent,
+                    int64_t handle, int32_t receiver, float timeout_s) {
   if (auto e = TakeDeferred(); e.failure()) return e;
   auto dims = rows.dimensions();
   if (dims.size() == 0 || dims[0] == 0) return ffi::Error::InvalidArgument("m2n_send: rows need a capacity dim");
@@ -208,6 +209,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(M2nSendCuda, m2n::SendCuda,
                                   .Arg<xla::ffi::AnyBuffer>()                     // rows [capacity, ...] (device)
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()         // count [] (device)
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()         // tag [2] (layer, mb)
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()         // after []: orders this send
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()         // sent [] = count
                                   .Attr<int64_t>("handle")                        // sender endpoint
                                   .Attr<int32_t>("receiver")                      // receiver index

@@ -65,18 +65,26 @@ def _tag(layer, micro_batch) -> jax.Array:
     return jnp.stack([jnp.asarray(layer, jnp.int32).reshape(()), jnp.asarray(micro_batch, jnp.int32).reshape(())])
 
 
+def _after(token) -> jax.Array:
+    """The int32 [] ordering operand: a data dependence is the only order XLA keeps between these calls (an
+    `optimization_barrier` whose token output goes unused is pruned, and with it the order)."""
+    return jnp.zeros((), jnp.int32) if token is None else jnp.asarray(token, jnp.int32).reshape(())
+
+
 def m2n_send(rows: jax.Array, count: jax.Array, sender: Sender, *, receiver: int, layer: int | jax.Array = 0,
-             micro_batch: int | jax.Array = 0, timeout_s: float | None = None) -> jax.Array:
+             micro_batch: int | jax.Array = 0, timeout_s: float | None = None,
+             after: jax.Array | None = None) -> jax.Array:
     """Sends rows[:count] of a packet buffer rows [capacity, ...] to `receiver`, from inside a jitted program,
     tagged (layer, micro_batch) — ints or traced int32 scalars. Returns `count` as an int32 scalar, to order later
-    work (e.g. `m2n_recv(after=...)`) after the send."""
+    work (e.g. `m2n_recv(after=...)`) after the send. `after` (an earlier m2n call's result) orders this send
+    after that call; chain every call of a channel this way when one program holds several of them."""
     register_ffi_targets()
     # Not has_side_effect: a side-effecting call gives the program an effect, and JAX then dispatches every call
     # of it through its Python path (no C++ fast path: about 1 ms of host time per call here, on the core the
     # programs run on). The result, which callers return or feed to `m2n_recv(after=...)`, keeps the call alive
     # and ordered; distinct attributes (receiver, handle) keep XLA from merging two sends.
     call = jax.ffi.ffi_call("m2n_send", jax.ShapeDtypeStruct((), jnp.int32))
-    return call(rows, jnp.asarray(count, jnp.int32).reshape(()), _tag(layer, micro_batch),
+    return call(rows, jnp.asarray(count, jnp.int32).reshape(()), _tag(layer, micro_batch), _after(after),
                 handle=np.int64(sender.handle), receiver=np.int32(receiver),
                 timeout_s=np.float32(sender.timeout_s if timeout_s is None else timeout_s))
 
@@ -91,6 +99,5 @@ def m2n_recv(receiver: Receiver, *, sender: int, like: jax.ShapeDtypeStruct | ja
     register_ffi_targets()
     shape = jax.ShapeDtypeStruct(like.shape, like.dtype)
     call = jax.ffi.ffi_call("m2n_recv", (shape, jax.ShapeDtypeStruct((), jnp.int32)))  # see m2n_send
-    after = jnp.zeros((), jnp.int32) if after is None else jnp.asarray(after, jnp.int32).reshape(())
-    return call(_tag(layer, micro_batch), after, handle=np.int64(receiver.handle), sender=np.int32(sender),
+    return call(_tag(layer, micro_batch), _after(after), handle=np.int64(receiver.handle), sender=np.int32(sender),
                 timeout_s=np.float32(receiver.timeout_s if timeout_s is None else timeout_s))

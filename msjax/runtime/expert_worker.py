@@ -3,9 +3,9 @@
 
 It loads only its experts, meets the engine through JAX's distributed key-value store (addresses of the M2N
 endpoints), then loops: a small control message from attention node 0 says what the next step holds (per round:
-which attention nodes send and their packet capacities); for every (layer, micro-batch) of the step one jitted
-program receives the packets of every active attention node (`m2n_recv`), runs the node's experts and sends each
-attention node its outputs (`m2n_send`) — no Python on the data path. A control message {"stop": true} ends it.
+which attention nodes send and their packet capacities); one jitted program per step then, for every (layer,
+micro-batch), receives the packets of every active attention node (`m2n_recv`), runs the node's experts and sends
+each attention node its outputs (`m2n_send`) — no Python on the data path. A control message {"stop": true} ends it.
 """
 
 from __future__ import annotations
@@ -119,24 +119,30 @@ def serve(spec: dict, parent: int) -> int:
     hidden = cfg.hidden_size
     programs = {}
 
-    def program(caps: tuple[tuple[int, int], ...]):
-        """One round: receive from each (attention node, capacity) in caps, run the experts, send back."""
-        if caps not in programs:
-            def round_(state, layer, micro_batch, token):
-                packets = []
-                for a, cap in caps:
-                    like = jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8)
-                    buf, count = native.m2n_recv(rx, sender=a, like=like, layer=layer, micro_batch=micro_batch,
-                                                 after=token)
-                    rows, ids = mp.unpack_rows(buf, hidden, dtype)
-                    ids = jnp.where(jnp.arange(cap) < count, ids, num_local)
-                    packets.append(Packet(rows=rows, expert_ids=ids, count=count))
-                outs = expert_step(graphdef, state, layer, tuple(packets))
-                sent = [native.m2n_send(out, p.count, back, receiver=a, layer=layer, micro_batch=micro_batch)
-                        for (a, _), out, p in zip(caps, outs, packets)]
-                return jnp.sum(jnp.stack(sent))
-            programs[caps] = jax.jit(round_)
-        return programs[caps]
+    def program(rounds: tuple[tuple[tuple[int, int], ...], ...]):
+        """A whole step as one program: for every layer and round (micro-batch), receive from each (attention
+        node, capacity) of the round, run the experts, send back. One host call per step (as on the attention
+        side); every m2n call is chained to the previous one through `token`, so XLA keeps the channel order."""
+        if rounds not in programs:
+            def step(state, token):
+                for layer in range(cfg.num_layers):
+                    for i, caps in enumerate(rounds):
+                        packets = []
+                        for a, cap in caps:
+                            like = jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8)
+                            buf, count = native.m2n_recv(rx, sender=a, like=like, layer=layer, micro_batch=i,
+                                                         after=token)
+                            token = count
+                            rows, ids = mp.unpack_rows(buf, hidden, dtype)
+                            ids = jnp.where(jnp.arange(cap) < count, ids, num_local)
+                            packets.append(Packet(rows=rows, expert_ids=ids, count=count))
+                        outs = expert_step(graphdef, state, layer, tuple(packets))
+                        for (a, _), out, p in zip(caps, outs, packets):
+                            token = native.m2n_send(out, p.count, back, receiver=a, layer=layer, micro_batch=i,
+                                                    after=token)
+                return token
+            programs[rounds] = jax.jit(step)
+        return programs[rounds]
 
     token = jnp.zeros((), jnp.int32)
     _log(f"node {node} ready with experts {list(expert_ids)} over {transport}")
@@ -151,11 +157,8 @@ def serve(spec: dict, parent: int) -> int:
         msg = json.loads(raw.decode())
         if msg.get("stop"):
             break
-        rounds = [tuple((int(a), int(c)) for a, c in r) for r in msg["rounds"]]
-        for layer in range(cfg.num_layers):
-            layer_index = jnp.int32(layer)
-            for i, caps in enumerate(rounds):
-                token = program(caps)(state, layer_index, jnp.int32(i), token)
+        rounds = tuple(tuple((int(a), int(c)) for a, c in r) for r in msg["rounds"])
+        token = program(rounds)(state, token)
         token.block_until_ready()  # the next control message must not overtake this step's receives
     rx.close()
     back.close()

@@ -46,7 +46,7 @@ from msjax.engine.batch import StepBatch
 from msjax.errors import ConfigError
 from msjax.kv_cache import AttentionBatch, KVCache
 from msjax.models.programs import MoEModel
-from msjax.runtime.disaggregated import attention_step, combine_step, embed_step, expert_subset, sample_heads
+from msjax.runtime.disaggregated import attention_step, combine_step, embed_step, expert_subset, head_step
 from msjax.runtime.sampler import Sampled
 
 TRANSPORTS = ("shm", "tcp")
@@ -283,12 +283,10 @@ class MultiProcessRunner:
         def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total, *, decode, routing):
             h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
                                                                       decode=decode, routing=routing)
-            sent = []
-            for e, p in enumerate(packets):
-                payload, count, _ = jax.lax.optimization_barrier((pack_rows(p.rows, p.expert_ids), p.count,
-                                                                  token))  # after the previous send
-                sent.append(native.m2n_send(payload, count, tx, receiver=e, layer=layer, micro_batch=micro_batch))
-            return h, orders, weights, load_total + load, kv, jnp.sum(jnp.stack(sent))
+            for e, p in enumerate(packets):  # each send after the previous m2n call
+                token = native.m2n_send(pack_rows(p.rows, p.expert_ids), p.count, tx, receiver=e, layer=layer,
+                                        micro_batch=micro_batch, after=token)
+            return h, orders, weights, load_total + load, kv, token
         return send
 
     def _recv_body(self, a: int):
@@ -298,57 +296,70 @@ class MultiProcessRunner:
 
         def recv(layer, micro_batch, orders, weights, token):
             outs = []
-            for e, order in enumerate(orders):
+            for e, order in enumerate(orders):  # each receive after the previous m2n call
                 like = jax.ShapeDtypeStruct((order.shape[0], hidden), dtype)
-                out, _ = native.m2n_recv(rx, sender=e, like=like, layer=layer, micro_batch=micro_batch,
-                                         after=token)
+                out, token = native.m2n_recv(rx, sender=e, like=like, layer=layer, micro_batch=micro_batch,
+                                             after=token)
                 outs.append(out)
-            return combine_step(tuple(outs), orders, weights), token + 1
+            return combine_step(tuple(outs), orders, weights), token
         return recv
 
-    def _send_program(self, a: int):
-        key = ("send", a)
+    def _step_body(self, a: int):
+        """A whole decode/prefill step of attention node a as one program: embedding, every (layer, micro-batch)
+        in ping-pong order with its m2n sends and receives, the last combine, LM heads and sampling.
+
+        One host call per step instead of one per (layer, micro-batch): on the attention node's core (or GPU host
+        thread) Python dispatch was the bottleneck once the m2n calls ran inside the programs. The order is the
+        ping-pong order of paper §4.1 — the combine of (layer - 1, i), then the attention and send of (layer, i),
+        so the attention of micro-batch i+1 runs while the experts hold micro-batch i — and XLA keeps it: every
+        m2n call is chained to the previous one through `token`."""
+        send, recv = self._send_body(a), self._recv_body(a)
+        num_layers = self.cfg.num_layers
+
+        def step(graphdef, state, inputs, kv, token, load_total, *, decodes, num_logprobs, routing):
+            # inputs[i] = (tokens [t_i], AttentionBatch, logit_rows, temperature, top_p, top_k, seeds, steps)
+            m = len(inputs)
+            h = [embed_step(graphdef, state, x[0]) for x in inputs]  # [t_i, hidden] each
+            moe = [jnp.zeros_like(x) for x in h]
+            sent = [None] * m  # (orders, weights) of the last send of each micro-batch
+            for layer in range(num_layers):
+                for i in range(m):
+                    if layer > 0:
+                        moe[i], token = recv(layer - 1, i, *sent[i], token)
+                    h[i], orders, weights, load_total, kv, token = send(
+                        graphdef, state, layer, i, h[i], moe[i], inputs[i][1], kv, token, load_total,
+                        decode=decodes[i], routing=routing)
+                    # the next micro-batch writes the cache only after this one's attention has read it: without
+                    # the order XLA may schedule that write first and copy the whole cache to keep this read
+                    kv, h[i] = jax.lax.optimization_barrier((kv, h[i]))
+                    sent[i] = (orders, weights)
+            for i in range(m):
+                moe[i], token = recv(num_layers - 1, i, *sent[i], token)
+            sampled = tuple(head_step(graphdef, state, h[i], moe[i], *inputs[i][2:], num_logprobs=num_logprobs[i])
+                            for i in range(m))
+            return sampled, kv, token, load_total
+        return step
+
+    def _step_program(self, a: int):
+        """Jitted `_step_body(a)`: one compile per step signature (micro-batch shapes, decode flags, logprobs)."""
+        key = ("step", a)
         if key not in self._programs:
-            self._programs[key] = jax.jit(self._send_body(a), static_argnames=("graphdef", "decode", "routing"),
+            self._programs[key] = jax.jit(self._step_body(a),
+                                          static_argnames=("graphdef", "decodes", "num_logprobs", "routing"),
                                           donate_argnames=("kv", "load_total"))
         return self._programs[key]
 
-    def _recv_program(self, a: int):
-        key = ("recv", a)
-        if key not in self._programs:
-            self._programs[key] = jax.jit(self._recv_body(a))
-        return self._programs[key]
+    def _step_args(self, a: int, node: list[StepBatch]):
+        inputs = tuple((b.tokens, AttentionBatch(b.positions, b.seq_ids, b.page_table), b.logit_rows, b.temperature,
+                        b.top_p, b.top_k, b.seeds, b.steps) for b in node)
+        return dict(inputs=jax.device_put(inputs, self.devices[a]), decodes=tuple(b.decode for b in node),
+                    num_logprobs=tuple(b.num_logprobs for b in node), routing=self.routing)
 
-    def _combine_send_program(self, a: int):
-        """The combine of (layer - 1, i) and the attention and send of (layer, i) as one program: the ping-pong
-        order issues them back to back anyway, and one call instead of two halves the host's dispatch work,
-        which shares the attention node's core (or GPU host thread) with everything else."""
-        key = ("combine_send", a)
-        if key not in self._programs:
-            send, recv = self._send_body(a), self._recv_body(a)
-
-            def combine_send(graphdef, state, prev_layer, layer, micro_batch, h, orders, weights, batch, kv, token,
-                             load_total, *, decode, routing):
-                moe, token = recv(prev_layer, micro_batch, orders, weights, token)
-                return send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total,
-                            decode=decode, routing=routing)
-            self._programs[key] = jax.jit(combine_send, static_argnames=("graphdef", "decode", "routing"),
-                                          donate_argnames=("kv", "load_total"))
-        return self._programs[key]
-
-    def lower_attention(self, batch: StepBatch, a: int = 0) -> str:
-        """HLO text of attention node a's send and combine programs for `batch` (both hold the custom calls)."""
-        d = self.devices[a]
-        ab = AttentionBatch(*(jnp.asarray(x) for x in (batch.positions, batch.seq_ids, batch.page_table)))
-        h = embed_step(self.attention_def, self.attention_states[a], jax.device_put(batch.tokens, d))
-        send = self._send_program(a).lower(self.attention_def, self.attention_states[a], jnp.int32(0),
-                                           jnp.int32(0), h, h, ab, self.kv[a], self._tokens[a], self._loads[a],
-                                           decode=batch.decode, routing=self.routing)
-        shape = jax.eval_shape(lambda: attention_step(self.attention_def, self.attention_states[a], jnp.int32(0),
-                                                      h, h, ab, self.kv[a], decode=batch.decode,
-                                                      routing=self.routing))
-        recv = self._recv_program(a).lower(jnp.int32(0), jnp.int32(0), shape[2], shape[4], self._tokens[a])
-        return send.as_text() + "\n" + recv.as_text()
+    def lower_attention(self, node: list[StepBatch], a: int = 0) -> str:
+        """HLO text of attention node a's step program for the micro-batches `node` (it holds the custom calls)."""
+        return self._step_program(a).lower(self.attention_def, self.attention_states[a], kv=self.kv[a],
+                                           token=self._tokens[a], load_total=self._loads[a],
+                                           **self._step_args(a, node)).as_text()
 
     # -- the step ---------------------------------------------------------------------------------------------
 
@@ -389,7 +400,7 @@ class MultiProcessRunner:
         try:
             for e in range(len(self.procs)):
                 self.tx[0].send(e, message, layer=self.cfg.num_layers, micro_batch=0)
-            return self._run(batches, work, rounds)
+            return self._run(batches)
         except WorkerError:
             raise
         except Exception as err:
@@ -402,62 +413,20 @@ class MultiProcessRunner:
                     else "the exchange with the expert processes failed")
             raise WorkerError(f"{what}: {err}" + logs) from err
 
-    def _run(self, batches, work, rounds):
-        state, meta = {}, {}
-        for a, i, b in work:
-            d = self.devices[a]
-            tokens, batch = jax.device_put((b.tokens, AttentionBatch(b.positions, b.seq_ids, b.page_table)), d)
-            h = embed_step(self.attention_def, self.attention_states[a], tokens)
-            state[a, i] = (h, jnp.zeros_like(h))
-            meta[a, i] = (batch, b.decode)
-        # Ping-pong order (paper §4.1): the combine of (layer, i) is issued right before the attention of
-        # (layer + 1, i), so each attention device works on micro-batch i+1 while the experts hold micro-batch i.
-        # Every channel still sees its sends, and its returns, in (layer, micro-batch) order, as the workers expect.
-        sent = {}
-        # layer and micro-batch indices as device scalars once per step, not two transfers per program call
-        index = [jnp.int32(k) for k in range(max(self.cfg.num_layers, rounds))]
-
-        def send(layer: int, i: int) -> None:
-            for a in range(len(batches)):
-                if i >= len(batches[a]):
-                    continue
-                h, moe = state[a, i]
-                batch, decode = meta[a, i]
-                h, orders, weights, self._loads[a], self.kv[a], self._tokens[a] = self._send_program(a)(
-                    self.attention_def, self.attention_states[a], index[layer], index[i], h, moe, batch,
-                    self.kv[a], self._tokens[a], self._loads[a], decode=decode, routing=self.routing)
-                sent[a, i] = (h, orders, weights)
-
-        def combine(layer: int, i: int) -> None:
-            for a in range(len(batches)):
-                if i >= len(batches[a]):
-                    continue
-                h, orders, weights = sent[a, i]
-                moe, self._tokens[a] = self._recv_program(a)(index[layer], index[i], orders, weights,
-                                                             self._tokens[a])
-                state[a, i] = (h, moe)
-
-        def combine_send(layer: int, i: int) -> None:
-            for a in range(len(batches)):
-                if i >= len(batches[a]):
-                    continue
-                h, orders, weights = sent[a, i]
-                batch, decode = meta[a, i]
-                h, orders, weights, self._loads[a], self.kv[a], self._tokens[a] = self._combine_send_program(a)(
-                    self.attention_def, self.attention_states[a], index[layer - 1], index[layer], index[i], h,
-                    orders, weights, batch, self.kv[a], self._tokens[a], self._loads[a], decode=decode,
-                    routing=self.routing)
-                sent[a, i] = (h, orders, weights)
-
-        for layer in range(self.cfg.num_layers):
-            for i in range(rounds):
-                if layer == 0:
-                    send(layer, i)
-                else:
-                    combine_send(layer, i)  # = combine(layer - 1, i), then send(layer, i), in one program
-        for i in range(rounds):
-            combine(self.cfg.num_layers - 1, i)
-        return sample_heads(self.attention_def, self.attention_states, batches, state)
+    def _run(self, batches):
+        # Every attention node's step is one program, enqueued without waiting: JAX dispatch is asynchronous, so
+        # the nodes' programs run at once (each on its own device) and the expert nodes see every active node's
+        # packets of a round, as they expect.
+        sampled = []
+        for a, node in enumerate(batches):
+            if not node:
+                sampled.append(())
+                continue
+            out, self.kv[a], self._tokens[a], self._loads[a] = self._step_program(a)(
+                self.attention_def, self.attention_states[a], kv=self.kv[a], token=self._tokens[a],
+                load_total=self._loads[a], **self._step_args(a, node))
+            sampled.append(out)
+        return [list(x) for x in jax.tree.map(np.asarray, sampled)]  # the step's one sync
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
