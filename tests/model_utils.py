@@ -44,12 +44,17 @@ def decode_token_by_token(model, prompt: list[int], page_size: int, seed: int = 
     return np.stack(out)
 
 
-def run_requests(engine, requests) -> dict[str, tuple[list[int], list[dict]]]:
-    """Add (request_id, prompt, SamplingParams) requests, step to the end: {request_id: (tokens, logprobs)}."""
+def run_requests(engine, requests, before_step=None) -> dict[str, tuple[list[int], list[dict]]]:
+    """Add (request_id, prompt, SamplingParams) requests, step to the end: {request_id: (tokens, logprobs)}.
+    `before_step(i)`, if given, runs before step i (e.g. a rebalance mid-run)."""
     out: dict[str, tuple[list[int], list[dict]]] = {}
     for rid, prompt, sp in requests:
         engine.add_request(rid, prompt, sp)
+    step = 0
     while engine.has_unfinished():
+        if before_step is not None:
+            before_step(step)
+        step += 1
         for d in engine.step():
             tokens, lps = out.setdefault(d.request_id, ([], []))
             tokens += d.token_ids

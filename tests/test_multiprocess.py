@@ -100,6 +100,43 @@ def test_more_plans(plan):
 
 
 @pytest.mark.slow
+def test_rebalance_between_steps_moves_experts_across_processes(monkeypatch):
+    from msjax.runtime import multiprocess as mp
+    engine = Engine(_model(), EngineConfig(**OPTIONS), plan=DeploymentPlan(1, 1, 2, 1, 2, transport="shm"))
+    runner = engine.runner
+    procs, old = list(runner.procs), runner.placement
+    new = ((3, 4, 0), (0, 1, 2))  # both nodes change; expert 0 gets a replica on each
+    assert old != new
+    real = mp.expert_subset
+    calls = []
+
+    def before_step(step):
+        calls.append(step)
+        if step == 1:  # after the prefill: every request has KV in the cache
+            # node 0 cannot load (weights of the wrong structure): node 1, which could, goes back, and the
+            # runner keeps its placement
+            monkeypatch.setattr(mp, "expert_subset", lambda model, experts: (
+                (None, {"w": np.zeros(1)}) if experts == new[0] else real(model, experts)))
+            with pytest.raises(ConfigError, match="expert node 0 cannot load"):
+                runner.set_placement(new)
+            monkeypatch.setattr(mp, "expert_subset", real)
+            assert runner.placement == old
+            runner.set_placement(new)
+            assert runner.placement == new
+        if step == 2:
+            placement = engine.rebalance(redundancy=1)
+            assert runner.placement == placement.nodes
+    try:
+        got = run_requests(engine, _requests(), before_step=before_step)
+        assert 2 in calls
+        assert_same_outputs(got, _reference())
+        assert engine.num_free_pages() == engine.num_total_pages()
+    finally:
+        engine.close()
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+
+
+@pytest.mark.slow
 def test_worker_that_fails_to_start_is_a_clear_error():
     from msjax.runtime.multiprocess import MultiProcessRunner, WorkerError
     before = _segments()

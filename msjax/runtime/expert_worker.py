@@ -78,20 +78,23 @@ def serve(spec: dict, parent: int) -> int:
     dtype = jnp.dtype(spec["dtype"])
 
     # -- weights: only this node's experts --
-    if spec.get("checkpoint"):
-        from msjax.checkpoint import load_expert_role
-        module = load_expert_role(spec["checkpoint"], cfg, expert_ids=expert_ids, dtype=dtype)
-        graphdef, state = nnx.split(module)
-    else:
-        module = nnx.eval_shape(lambda: ExpertRole(cfg, expert_ids=expert_ids, dtype=dtype, rngs=nnx.Rngs(0)))
-        graphdef, abstract = nnx.split(module)
-        leaves = spec["leaves"]
-        treedef = jax.tree.structure(abstract)
-        state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
-    if spec.get("kernels"):
-        module = nnx.merge(graphdef, state)
-        module.kernels = spec["kernels"]
-        graphdef, state = nnx.split(module)
+    def load_experts(ids: tuple[int, ...], leaves=None):
+        """(graphdef, state) of experts `ids`: from the checkpoint, else from `leaves` (arrays in tree order)."""
+        if spec.get("checkpoint"):
+            from msjax.checkpoint import load_expert_role
+            module = load_expert_role(spec["checkpoint"], cfg, expert_ids=ids, dtype=dtype)
+        else:
+            module = nnx.eval_shape(lambda: ExpertRole(cfg, expert_ids=ids, dtype=dtype, rngs=nnx.Rngs(0)))
+            graphdef, abstract = nnx.split(module)
+            treedef = jax.tree.structure(abstract)
+            if len(leaves) != treedef.num_leaves:
+                raise ValueError(f"{len(leaves)} weight arrays for {treedef.num_leaves} leaves")
+            module = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]))
+        if spec.get("kernels"):
+            module.kernels = spec["kernels"]
+        return nnx.split(module)
+
+    graphdef, state = load_experts(expert_ids, spec.get("leaves"))
 
     # -- rendezvous through JAX's coordination service (key-value store) --
     errors = []
@@ -157,6 +160,24 @@ def serve(spec: dict, parent: int) -> int:
         msg = json.loads(raw.decode())
         if msg.get("stop"):
             break
+        if "place" in msg:  # re-placement between steps: load the new experts, answer attention node 0
+            reply = {"ok": True}
+            try:
+                ids = tuple(int(x) for x in msg["place"])
+                leaves = None
+                if msg.get("leaves"):
+                    with open(msg["leaves"], "rb") as f:
+                        leaves = pickle.load(f)
+                    os.unlink(msg["leaves"])
+                graphdef, state = load_experts(ids, leaves)
+                expert_ids, num_local = ids, len(ids)
+                programs.clear()
+                _log(f"node {node} now holds experts {list(expert_ids)}")
+            except Exception as err:  # noqa: BLE001 - reported to the engine; this node keeps its experts
+                reply = {"error": f"{type(err).__name__}: {err}"}
+                _log(f"re-placement to {msg['place']} failed: {reply['error']}")
+            back.send(0, json.dumps(reply).encode(), layer=cfg.num_layers, micro_batch=0)
+            continue
         rounds = tuple(tuple((int(a), int(c)) for a, c in r) for r in msg["rounds"])
         token = program(rounds)(state, token)
         token.block_until_ready()  # the next control message must not overtake this step's receives

@@ -15,8 +15,11 @@ Rendezvous: the runner starts a JAX distributed runtime service (the coordinatio
 engine publishes its receivers' addresses, each worker its own, and everyone shuts the client down once the
 endpoints are open.
 
+Re-placement (`set_placement`, `Engine.rebalance`): between steps, a control message tells each changed expert
+process which experts to hold; it loads them and answers on its back channel before the routing changes.
+
 Limits of this first slice: tp_a = tp_e = 1 (a sharded program would issue the custom calls once per device),
-no re-placement (`set_placement`), CPU only.
+CPU only.
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ class MultiProcessRunner:
         if len(devices) < plan.attention_nodes:
             raise ConfigError("plan", f"needs {plan.attention_nodes} devices for attention, {len(devices)} exist")
         self.cfg, self.plan, self.engine_config = model.cfg, plan, cfg
+        # where re-placed experts come from: the workers read the checkpoint, or the runner hands them weights
+        self._checkpoint, self._model = (str(checkpoint), None) if checkpoint else (None, model)
         self.closed = False
         self.procs: list[subprocess.Popen] = []
         self._tmp = tempfile.mkdtemp(prefix="msjax-mp-")
@@ -369,8 +374,51 @@ class MultiProcessRunner:
         return [None] * len(self.procs)
 
     def set_placement(self, placement, shares=None) -> None:
-        raise ConfigError("placement", "re-placing experts across expert processes is not supported yet; "
-                          "restart with a plan that names the placement")
+        """Re-place the experts between steps (`Engine.rebalance`): each expert process whose experts change
+        loads them (from the checkpoint, or from a file of weights the runner writes) and acknowledges before
+        routing changes. If a node cannot load, the nodes that did are put back and the runner keeps its old
+        placement (a clear error); requests in flight are untouched either way (their KV caches live here)."""
+        if self.closed:
+            raise WorkerError("the multi-process runner is closed")
+        placement = tuple(tuple(int(x) for x in node) for node in placement)
+        if len(placement) != len(self.procs):
+            raise ValueError(f"placement lists {len(placement)} nodes, the plan has {len(self.procs)}")
+        routing = Routing.from_placement(placement, self.cfg.num_experts, shares)  # validates the placement
+        self._check_workers("before re-placing experts")
+        changed = {e: node for e, node in enumerate(placement) if node != self.placement[e]}
+        errors = self._place(changed)
+        if errors:
+            undo = {e: self.placement[e] for e in changed if e not in errors}
+            if self._place(undo):
+                self.close()
+                raise WorkerError("expert nodes could not return to their experts after a failed re-placement: "
+                                  + "; ".join(f"node {e}: {m}" for e, m in errors.items()))
+            raise ConfigError("placement", "; ".join(f"expert node {e} cannot load {list(changed[e])}: {m}"
+                                                     for e, m in errors.items()))
+        self.placement, self.routing = placement, routing
+
+    def _place(self, nodes: dict[int, tuple[int, ...]]) -> dict[int, str]:
+        """Tells expert node e to hold experts nodes[e] (a control message on the dispatch channel, between
+        steps) and waits for each answer on its back channel to attention node 0. -> {node: error}."""
+        for e, experts in nodes.items():
+            message = {"place": list(experts)}
+            if self._checkpoint is None:  # the worker has no checkpoint to read: hand it the weights
+                _, state = expert_subset(self._model, experts)
+                path = Path(self._tmp) / f"place{e}.pkl"
+                path.write_bytes(pickle.dumps([np.asarray(x) for x in jax.tree.leaves(state)]))
+                message["leaves"] = str(path)
+            self.tx[0].send(e, json.dumps(message).encode(), layer=self.cfg.num_layers, micro_batch=0)
+        errors = {}
+        for e in nodes:
+            try:
+                reply = json.loads(self.back[0].recv(e, layer=self.cfg.num_layers, micro_batch=0).decode())
+            except Exception as err:  # noqa: BLE001 - a dead or silent worker: the runner cannot go on
+                self._check_workers("while re-placing experts")
+                self.close()
+                raise WorkerError(f"expert node {e} did not answer the re-placement: {err}" + self._logs()) from err
+            if "error" in reply:
+                errors[e] = reply["error"]
+        return errors
 
     def read_expert_load(self) -> np.ndarray:
         load = sum(np.asarray(x) for x in self._loads)
