@@ -22,8 +22,11 @@ from pathlib import Path
 
 ATTENTION_CPU, EXPERT_CPU = 0, 1
 os.sched_setaffinity(0, {ATTENTION_CPU})  # before JAX starts its threads: they inherit it
-os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                   if "host_platform_device_count" not in f)
+# one core per process: one XLA:CPU thread, not a pool whose idle threads compete with the one doing the work
+# (the expert processes inherit these flags)
+os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split()
+                                    if "host_platform_device_count" not in f]
+                                   + ["--xla_cpu_multi_thread_eigen=false"])
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_results  # noqa: E402
@@ -138,6 +141,7 @@ def main():
              f"gives their median and each run; busy = CPU time / wall time of each process over the timed "
              f"steps, M2N polling included (MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it "
              f"sleeps, so with a long budget busy is near 100% and says little). "
+             f"XLA:CPU single-threaded in both processes (one core each). "
              f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
              f"ping-pong order). "
              f"Profiled on one core: {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "

@@ -56,9 +56,7 @@ class Net:
         return rx
 
     def addresses(self) -> list[str]:
-        if self.transport == "shm":
-            return [self.name] * len(self.receivers)
-        return [rx.address for rx in self.receivers]
+        return [rx.address for rx in self.receivers]  # shm: the channel name; tcp: host:port as bound
 
     def sender(self, index: int = 0, capacity: int = 1 << 16, timeout_s: float = 5.0) -> native.Sender:
         return native.Sender(self.transport, self.addresses(), index, capacity, timeout_s)

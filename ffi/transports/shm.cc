@@ -103,7 +103,8 @@ class ShmReceiver : public RecvEndpoint {
     }
     return Status::Ok();
   }
-  std::string address() const override { return name_; }
+  // what a Sender takes for this receiver: the channel name (the segment is derived from it and the index)
+  std::string address() const override { return spec_.addresses[0]; }
 
  protected:
   const PeerCheck* peer_check(uint32_t sender) const override { return &checks_[sender]; }

@@ -196,7 +196,7 @@ class Receiver(_Endpoint):
 
     @property
     def address(self) -> str:
-        """What senders pass for this receiver: tcp "ip:port" as bound; shm the segment name."""
+        """What senders pass for this receiver: tcp "ip:port" as bound; shm the channel name."""
         out = _err()
         _check(library().m2n_address(self.handle, out, _ERR_LEN), out)
         return out.value.decode()

@@ -7,8 +7,8 @@ custom calls that move a packet's valid rows from inside a jitted program.
     rows, n = jax.jit(lambda: m2n_recv(rx, sender=0, layer=3, like=rows))()       # B
 
 A sender's addresses are one per receiver: the channel name for shm (every receiver of a channel shares it),
-"host:port" for tcp (`Receiver.address` after binding port 0). Sequence numbers are per (sender, receiver)
-channel, so both sides must issue their sends and receives of a channel in the same order.
+"host:port" for tcp; `Receiver.address` gives either (for tcp, after binding port 0). Sequence numbers are per
+(sender, receiver) channel, so both sides must issue their sends and receives of a channel in the same order.
 """
 
 from __future__ import annotations

@@ -106,9 +106,7 @@ def serve(spec: dict, parent: int) -> int:
     timeout_s = spec["timeout_s"]
     rx = native.Receiver(transport, spec["dispatch_address"], node, n_a, spec["dispatch_bytes"],
                          timeout_s=timeout_s)
-    # shm: senders address the channel name; tcp: the bound host:port
-    client.key_value_set(f"{prefix}/dispatch/{node}",
-                         spec["dispatch_address"] if transport == "shm" else rx.address)
+    client.key_value_set(f"{prefix}/dispatch/{node}", rx.address)  # shm: the channel; tcp: host:port as bound
     ms = int(spec["startup_timeout_s"] * 1000)
     back_addresses = [client.blocking_key_value_get(f"{prefix}/back/{a}", ms) for a in range(n_a)]
     back = native.Sender(transport, back_addresses, node, spec["back_bytes"], timeout_s=timeout_s)

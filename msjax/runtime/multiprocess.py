@@ -214,8 +214,7 @@ class MultiProcessRunner:
             try:
                 self._client.connect()
                 for a, rx in enumerate(self.back):
-                    self._client.key_value_set(f"{prefix}/back/{a}",
-                                               back_address if plan.transport == "shm" else rx.address)
+                    self._client.key_value_set(f"{prefix}/back/{a}", rx.address)
                 ms = int(startup_timeout_s * 1000)
                 box["dispatch"] = [self._client.blocking_key_value_get(f"{prefix}/dispatch/{e}", ms)
                                    for e in range(n_e)]
