@@ -377,8 +377,9 @@ def main(argv=None) -> None:
             f"One M2N round = every sender sends one message to every receiver; latency = last receiver done - "
             f"first sender start; GBps = M*N*bytes / p50. Processes on one host ({cores} cores), loopback for "
             f"tcp. **Oversubscribed**: up to {max(m + n for m, n in shapes)} processes share {cores} cores "
-            f"(and the machine was shared with other work: 1-minute load average {load_before:.1f} before the "
-            f"run, {os.getloadavg()[0]:.1f} after), so waits include scheduler delays; 8x8 numbers mostly "
+            f"(1-minute load average {load_before:.1f} before the run, from other work; "
+            f"{os.getloadavg()[0]:.1f} after, this run's processes included), so waits include scheduler "
+            f"delays; 8x8 numbers mostly "
             f"measure the scheduler. p99 over {rounds_for(1 << 20, args.quick)}-{rounds_for(4096, args.quick)} "
             f"rounds per size is close to the maximum.",
             "",
