@@ -240,14 +240,21 @@ def test_rebalance_mid_run_moves_weights_and_keeps_outputs():
 
 
 @pytest.mark.slow
-def test_profiler_measures_the_real_programs():
+def test_profiler_measures_the_real_programs(monkeypatch):
     import tomllib
 
     from msjax.planner.profile import parse_profile
     from msjax.planner.profiler import fit, measure_layer_times, profile_toml
+    from msjax.runtime import disaggregated
+    seen = {"attention": set(), "expert": set()}  # layers timed: every one, as a step reads them (no warm cache)
+    for name, role in (("attention_step", "attention"), ("expert_step", "expert")):
+        real = getattr(disaggregated, name)
+        monkeypatch.setattr(disaggregated, name, lambda d, s, layer, *a, real=real, role=role, **k: (
+            seen[role].add(int(layer)), real(d, s, layer, *a, **k))[1])
     m = MoEModel.random(tiny_config(max_position_embeddings=128), seed=0)
     measured = measure_layer_times(m, [2, 4], context=20, repeats=2)
     assert measured["batch"] == [2, 4] and all(t > 0 for t in measured["attention_s"] + measured["expert_s"])
+    assert seen == {"attention": {0, 1, 2}, "expert": {0, 1, 2}}
     # the file format round-trips through the planner's parser (timings here are too noisy to fit: use a line)
     line = {"batch": [2, 4, 8], "attention_s": [1e-3, 1.5e-3, 2.5e-3], "expert_s": [2e-3, 2.2e-3, 2.6e-3]}
     t_a, t_e = fit(line)[:2]

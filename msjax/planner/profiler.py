@@ -6,14 +6,16 @@ of the previous layer's expert outputs, then the attention program (which ends w
 T_e(b): one layer of one expert node holding all experts, for the rows of that micro-batch (b x top-k).
 T_c(b): one direction of the transport (the packet to the expert node and its outputs back, halved).
 T_o(b): what a step does once, not per layer: embedding, LM head and sampling of b sequences.
-Each is timed on the device it would run on, synchronised per call, median over repeats.
+Each is timed on the device it would run on, synchronised per call, median over repeats; successive calls cycle
+through the model's layers, as a step does, so weights come from memory and not from a warm cache.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
-from typing import Callable
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
     out = {"batch": list(batches), "attention_s": [], "expert_s": [], "transfer_s": [], "step_fixed_s": []}
     rng = np.random.default_rng(0)
     per_seq = -(-context // page_size) + 1
+    layers = [jnp.int32(layer) for layer in range(cfg.num_layers)]
     for b in batches:
         table = np.arange(b * per_seq, dtype=np.int32).reshape(b, per_seq)
         batch = put(AttentionBatch(jnp.full(b, context - 1, jnp.int32), jnp.arange(b, dtype=jnp.int32),
@@ -69,16 +72,23 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
         received = put(packets[0], emesh)
         returned = put(expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))[0], amesh)
 
+        # Each call moves on to the next layer, as a decode step does, so it reads that layer's weights from
+        # memory and not from a cache the previous call warmed: repeating one layer made an expert layer half as
+        # expensive as the same layers in a step on this project's CPU machine (its L3 holds one layer's
+        # experts, not four).
+        next_a, next_e = itertools.cycle(layers), itertools.cycle(layers)
+
         def attention():
             moe = combine_step((returned,), orders, weights)
-            result = attention_step(runner.attention_def, runner.attention_states[0], layer, h, moe, batch,
+            result = attention_step(runner.attention_def, runner.attention_states[0], next(next_a), h, moe, batch,
                                     runner.kv[0], decode=True, routing=runner.routing)
             runner.kv[0] = result[-1]
             return result[0]
 
         out["attention_s"].append(_median_seconds(attention, repeats, chain))
         out["expert_s"].append(_median_seconds(
-            lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,)), repeats, chain))
+            lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], next(next_e), (received,)), repeats,
+            chain))
         outputs = expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))
         out["transfer_s"].append(_median_seconds(
             lambda: (put(packets[0], emesh), put(outputs[0], amesh)), repeats, chain) / 2)
