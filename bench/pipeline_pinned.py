@@ -91,6 +91,9 @@ def main():
                         help="MSJAX_M2N_POLL_US for both processes: how long an M2N wait polls before it sleeps. "
                              "Each node owns its core here (as a GPU's proxy thread polls), and a sleeping vCPU "
                              "can take hundreds of µs to wake; 200 is the library's default")
+    parser.add_argument("--whole-step-profile", action="store_true",
+                        help="profile T_a, T_e with one program over every layer (as the nodes run a step) "
+                             "instead of one call per layer")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per m (a fresh worker each); the table gives their median and each run")
     args = parser.parse_args()
@@ -101,8 +104,10 @@ def main():
     model = MoEModel.random(model_cfg, seed=0)
     ms = [int(x) for x in args.micro_batches.split(",")]
     sizes = {m: bucket(-(-args.batch // m), args.batch) for m in ms}
-    # T_a and T_e on one core (this process is pinned), calls back to back as the host loop issues them
-    measured = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=8)
+    # T_a and T_e on one core (this process is pinned): one program call per layer, back to back, or with
+    # --whole-step-profile one program over every layer
+    measured = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=8,
+                                   whole_step=args.whole_step_profile)
     t_a, t_e, t_c, t_o = fit(measured)
     # T_host: the engine's own work per step (scheduling, batch building, output handling), which nothing
     # overlaps: measured with a runner that returns at once, on this core
@@ -133,6 +138,7 @@ def main():
         return f"{name}(b) = {1e3 * c.slope:.4f} ms x b + {1e3 * c.intercept:.3f} ms"
 
     c = model_cfg
+    how_profiled = "one program over every layer" if args.whole_step_profile else "one call per layer"
     notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
@@ -144,10 +150,11 @@ def main():
              f"XLA:CPU single-threaded in both processes (one core each). "
              f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
              f"ping-pong order). "
-             f"Profiled on one core: {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "
+             f"Profiled on one core ({how_profiled}): {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "
              f"copy), {show('T_o', t_o)} per micro-batch; T_host = the engine's host work per step, measured with a "
              f"runner that returns at once. Predicted = Eq. 5 (overlapped pipeline) + m x T_o + T_host.")
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
+    name += "-whole-step-profile" if args.whole_step_profile else ""
     path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
                                                    ("step_ms", "decode step (ms)"), ("spread_ms", "runs (ms)"),
                                                    ("busy_attention", "attention busy"),

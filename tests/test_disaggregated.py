@@ -255,6 +255,10 @@ def test_profiler_measures_the_real_programs(monkeypatch):
     measured = measure_layer_times(m, [2, 4], context=20, repeats=2)
     assert measured["batch"] == [2, 4] and all(t > 0 for t in measured["attention_s"] + measured["expert_s"])
     assert seen == {"attention": {0, 1, 2}, "expert": {0, 1, 2}}
+    seen = {"attention": set(), "expert": set()}
+    whole = measure_layer_times(m, [2], context=20, repeats=2, whole_step=True)  # one program over every layer
+    assert all(t > 0 for t in whole["attention_s"] + whole["expert_s"])
+    assert seen == {"attention": {0, 1, 2}, "expert": {0, 1, 2}}
     # the file format round-trips through the planner's parser (timings here are too noisy to fit: use a line)
     line = {"batch": [2, 4, 8], "attention_s": [1e-3, 1.5e-3, 2.5e-3], "expert_s": [2e-3, 2.2e-3, 2.6e-3]}
     t_a, t_e = fit(line)[:2]

@@ -42,9 +42,13 @@ def _median_seconds(fn, repeats: int, chain: int = 1) -> float:
 
 
 def measure_layer_times(model: MoEModel, batches: list[int], context: int, repeats: int = 20,
-                        devices=None, chain: int = 1) -> dict[str, list[float]]:
+                        devices=None, chain: int = 1, whole_step: bool = False) -> dict[str, list[float]]:
     """Seconds per layer of attention (with its combine) and of the expert node, for each decode batch.
-    chain > 1 measures calls dispatched back to back (see `_median_seconds`), as the host loop issues them."""
+    chain > 1 measures calls dispatched back to back (see `_median_seconds`), as the host loop issues them.
+    whole_step=True times one program over every layer (chained, divided by the layer count), as the
+    multi-process runner and its expert workers run a step, instead of one program call per layer as the
+    in-process runner does: XLA compiles the two differently (on this project's CPU an expert layer cost up to
+    2x more inside a program that runs every layer)."""
     from msjax.runtime.disaggregated import (DisaggregatedRunner, attention_step, combine_step, embed_step,
                                              expert_step, head_step)
     cfg = model.cfg
@@ -85,10 +89,16 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
             runner.kv[0] = result[-1]
             return result[0]
 
-        out["attention_s"].append(_median_seconds(attention, repeats, chain))
-        out["expert_s"].append(_median_seconds(
-            lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], next(next_e), (received,)), repeats,
-            chain))
+        if whole_step:
+            attention_s, expert_s = _whole_step_seconds(runner, h, batch, returned, orders, weights, received,
+                                                        repeats, chain)
+        else:
+            attention_s = _median_seconds(attention, repeats, chain)
+            expert_s = _median_seconds(
+                lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], next(next_e), (received,)),
+                repeats, chain)
+        out["attention_s"].append(attention_s)
+        out["expert_s"].append(expert_s)
         outputs = expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))
         out["transfer_s"].append(_median_seconds(
             lambda: (put(packets[0], emesh), put(outputs[0], amesh)), repeats, chain) / 2)
@@ -102,6 +112,38 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
 
         out["step_fixed_s"].append(_median_seconds(fixed, repeats, chain))
     return out
+
+
+def _whole_step_seconds(runner, h, batch, returned, orders, weights, received, repeats: int, chain: int):
+    """(attention, expert) seconds per layer when one program runs every layer, each layer's input the previous
+    layer's output (as in a step): attention with its combine on the attention device, the experts on theirs."""
+    import dataclasses
+
+    from msjax.runtime.disaggregated import attention_step, combine_step, expert_step
+    num_layers = runner.cfg.num_layers
+
+    def attention_layers(state, h, kv):
+        for layer in range(num_layers):
+            moe = combine_step((returned,), orders, weights)
+            h, *_, kv = attention_step(runner.attention_def, state, layer, h, moe, batch, kv, decode=True,
+                                       routing=runner.routing)
+        return h, kv
+
+    def expert_layers(state, packet):
+        rows = packet.rows  # [capacity, hidden]: each layer's output is the next layer's rows
+        for layer in range(num_layers):
+            rows = expert_step(runner.expert_defs[0], state, layer, (dataclasses.replace(packet, rows=rows),))[0]
+        return rows
+
+    attention_program = jax.jit(attention_layers, donate_argnums=2)
+    expert_program = jax.jit(expert_layers)
+
+    def attention():
+        out, runner.kv[0] = attention_program(runner.attention_states[0], h, runner.kv[0])
+        return out
+
+    return (_median_seconds(attention, repeats, chain) / num_layers,
+            _median_seconds(lambda: expert_program(runner.expert_states[0], received), repeats, chain) / num_layers)
 
 
 class _NoDeviceRunner:
