@@ -116,7 +116,6 @@ def serve(spec: dict, parent: int) -> int:
     except Exception:  # the engine may have closed the service already: rendezvous is over either way
         pass
 
-    num_local = len(expert_ids)
     hidden = cfg.hidden_size
     programs = {}
 
@@ -135,7 +134,7 @@ def serve(spec: dict, parent: int) -> int:
                                                          after=token)
                             token = count
                             rows, ids = mp.unpack_rows(buf, hidden, dtype)
-                            ids = jnp.where(jnp.arange(cap) < count, ids, num_local)
+                            ids = jnp.where(jnp.arange(cap) < count, ids, len(expert_ids))  # padding: no local expert
                             packets.append(Packet(rows=rows, expert_ids=ids, count=count))
                         outs = expert_step(graphdef, state, layer, tuple(packets))
                         for (a, _), out, p in zip(caps, outs, packets):
@@ -168,7 +167,7 @@ def serve(spec: dict, parent: int) -> int:
                         leaves = pickle.load(f)
                     os.unlink(msg["leaves"])
                 graphdef, state = load_experts(ids, leaves)
-                expert_ids, num_local = ids, len(ids)
+                expert_ids = ids
                 programs.clear()
                 _log(f"node {node} now holds experts {list(expert_ids)}")
             except Exception as err:  # noqa: BLE001 - reported to the engine; this node keeps its experts

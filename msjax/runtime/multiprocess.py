@@ -250,7 +250,7 @@ class MultiProcessRunner:
                     if time.monotonic() > deadline:
                         raise WorkerError(f"expert node {e} did not get ready" + self._logs()) from None
         self._stop_coordination()
-        self._programs: dict = {}
+        self._programs: dict = {}  # attention node -> its jitted step program
         self._tokens = [jnp.zeros((), jnp.int32, device=d) for d in self.devices]
 
     def _stop_coordination(self) -> None:
@@ -346,12 +346,11 @@ class MultiProcessRunner:
 
     def _step_program(self, a: int):
         """Jitted `_step_body(a)`: one compile per step signature (micro-batch shapes, decode flags, logprobs)."""
-        key = ("step", a)
-        if key not in self._programs:
-            self._programs[key] = jax.jit(self._step_body(a),
-                                          static_argnames=("graphdef", "decodes", "num_logprobs", "routing"),
-                                          donate_argnames=("kv", "load_total"))
-        return self._programs[key]
+        if a not in self._programs:
+            self._programs[a] = jax.jit(self._step_body(a),
+                                        static_argnames=("graphdef", "decodes", "num_logprobs", "routing"),
+                                        donate_argnames=("kv", "load_total"))
+        return self._programs[a]
 
     def _step_args(self, a: int, node: list[StepBatch]):
         inputs = tuple((b.tokens, AttentionBatch(b.positions, b.seq_ids, b.page_table), b.logit_rows, b.temperature,
@@ -428,8 +427,7 @@ class MultiProcessRunner:
         if self.closed:
             raise WorkerError("the multi-process runner is closed")
         self._check_workers("before the step")
-        work = [(a, i, b) for a, node in enumerate(batches) for i, b in enumerate(node)]
-        if not work:
+        if not any(batches):
             return [[] for _ in batches]
         k = self.cfg.top_k
         rounds = max(len(node) for node in batches)
