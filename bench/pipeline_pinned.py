@@ -36,7 +36,7 @@ from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
 from msjax.planner.profiler import (fit, measure_host_seconds, measure_layer_times,  # noqa: E402
-                                   predicted_step_seconds, time_decode_steps)
+                                   predicted_step_seconds, time_decode_step_variants)
 from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
 
 
@@ -53,28 +53,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(model: MoEModel, m: int, batch: int, context: int, steps: int) -> tuple[float, float, float]:
-    """Median decode step seconds, and the busy fraction (CPU time / wall time over the timed steps) of the
-    attention process and of the expert process. Busy includes the M2N waits' polling phase (up to
-    MSJAX_M2N_POLL_US before a waiter sleeps)."""
-    cfg = EngineConfig(page_size=16, num_pages=batch * (context // 16 + 2), max_num_seqs=batch,
-                       max_num_batched_tokens=max(batch, 256), max_model_len=context + steps + 16)
-    plan = DeploymentPlan(1, 1, 1, 1, m, transport="shm")
+def measure(model: MoEModel, ms: list[int], batch: int, context: int, steps: int) -> dict[int, tuple]:
+    """One attention process and one expert process, every m of `ms` timed in turn step by step (the engine's
+    micro-batch count changes between steps; the runner takes any number per step). -> {m: (median decode step
+    seconds, attention busy, experts busy)}, busy = CPU time / wall time of each process over that m's timed
+    steps, the M2N waits' polling phase included (up to MSJAX_M2N_POLL_US before a waiter sleeps)."""
+    cfg = EngineConfig(page_size=16, num_pages=batch * (context // 16 + 2 + len(ms) * (steps + 4) // 16),
+                       max_num_seqs=batch, max_num_batched_tokens=max(batch, 256),
+                       max_model_len=context + len(ms) * (steps + 4) + 16)
+    plan = DeploymentPlan(1, 1, 1, 1, ms[0], transport="shm")
     runner = MultiProcessRunner(model, cfg, plan)
     try:
         for proc in runner.procs:
             pin_process(proc.pid, EXPERT_CPU)
         pids = (os.getpid(), runner.procs[0].pid)
-        marks = {}
+        engine = Engine(model, cfg, plan=plan, runner=runner)
+        wall = {m: 0.0 for m in ms}
+        cpu = {m: [0.0, 0.0] for m in ms}
+        started = {}
 
-        def around(when: str) -> None:
-            marks[when] = (time.perf_counter(), [cpu_seconds(p) for p in pids])
+        def around(m: int, when: str) -> None:
+            now, used = time.perf_counter(), [cpu_seconds(p) for p in pids]
+            if when == "start":
+                started[m] = (now, used)
+                return
+            wall[m] += now - started[m][0]
+            for j in range(2):
+                cpu[m][j] += used[j] - started[m][1][j]
 
-        step_s = time_decode_steps(Engine(model, cfg, plan=plan, runner=runner), batch, context, steps,
-                                   around=around)
-        wall = marks["stop"][0] - marks["start"][0]
-        busy = [(b - a) / wall for a, b in zip(marks["start"][1], marks["stop"][1])]
-        return step_s, busy[0], busy[1]
+        def use(m: int):
+            return lambda: setattr(engine, "micro_batches", m)
+
+        step_s = time_decode_step_variants(engine, batch, context, steps, {m: use(m) for m in ms}, around=around)
+        return {m: (step_s[m], cpu[m][0] / wall[m], cpu[m][1] / wall[m]) for m in ms}
     finally:
         runner.close()
 
@@ -95,7 +106,8 @@ def main():
                         help="profile T_a, T_e with one program over every layer (as the nodes run a step) "
                              "instead of one call per layer")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="runs per m (a fresh worker each); the table gives their median and each run")
+                        help="runs, each a fresh pair of processes timing every m in turn; the table gives their "
+                             "median and each run")
     args = parser.parse_args()
     os.environ["MSJAX_M2N_POLL_US"] = str(args.poll_us)  # read at the first wait; the workers inherit it
     if len(os.sched_getaffinity(0)) != 1 or os.cpu_count() < 2:
@@ -113,11 +125,10 @@ def main():
     # overlaps: measured with a runner that returns at once, on this core
     host = {m: measure_host_seconds(model_cfg, args.batch, args.context, m) for m in ms}
     runs = {m: [] for m in ms}
-    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine does not land on one m only
-        for m in ms:
-            runs[m].append(measure(model, m, args.batch, args.context, args.steps))
-            print(f"m={m}: {1e3 * runs[m][-1][0]:.1f} ms, busy {runs[m][-1][1]:.0%} / {runs[m][-1][2]:.0%}",
-                  flush=True)
+    for _ in range(args.repeats):  # a fresh pair of processes each; inside one, the m alternate step by step
+        for m, run in measure(model, ms, args.batch, args.context, args.steps).items():
+            runs[m].append(run)
+            print(f"m={m}: {1e3 * run[0]:.1f} ms, busy {run[1]:.0%} / {run[2]:.0%}", flush=True)
     rows, base = [], None
     for m in ms:
         step_s = statistics.median(r[0] for r in runs[m])
@@ -143,8 +154,8 @@ def main():
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
              f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; "
-             f"per run the median of {args.steps} steps, {args.repeats} runs per m (interleaved), the table "
-             f"gives their median and each run; busy = CPU time / wall time of each process over the timed "
+             f"{args.repeats} runs, each a fresh pair of processes in which the m take turns step by step "
+             f"({args.steps} timed steps per m, median); the table gives the median of the runs and each run; busy = CPU time / wall time of each process over the timed "
              f"steps, M2N polling included (MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it "
              f"sleeps, so with a long budget busy is near 100% and says little). "
              f"XLA:CPU single-threaded in both processes (one core each). "

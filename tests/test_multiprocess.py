@@ -53,6 +53,29 @@ def _segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("msjax-m2n-mp*")}
 
 
+def _schedule(compiled_hlo: str) -> list[str]:
+    """The order XLA scheduled the step program's main computation in, as a list of: route (a micro-batch's
+    router top-k, inside its attention), send / recv (m2n calls, a run of them to every expert node counted
+    once) and head (a micro-batch's LM head)."""
+    entry = compiled_hlo[compiled_hlo.index("\nENTRY "):]
+    kinds = []
+    for line in entry.splitlines():
+        kind = ("send" if 'custom_call_target="m2n_send"' in line else
+                "recv" if 'custom_call_target="m2n_recv"' in line else
+                "route" if "router/top_k" in line and "custom-call(" in line else
+                "head" if "jit(head_step)/dot_general" in line else None)
+        if kind and (not kinds or kinds[-1] != kind):
+            kinds.append(kind)
+    return kinds
+
+
+def _ping_pong(m: int, layers: int) -> list[str]:
+    """Paper §4.1's order on an attention node: each micro-batch's attention and send in turn (so the experts
+    start on micro-batch 0 while micro-batch 1 is in attention), in later layers after that micro-batch's
+    receive; at the end each micro-batch's head right after its last receive (while the experts finish the next)."""
+    return (["route", "send"] * m + ["recv", "route", "send"] * (m * (layers - 1)) + ["recv", "head"] * m)
+
+
 def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
     want = _reference()
     before = _segments()
@@ -75,6 +98,9 @@ def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
         if check_hlo:  # the data path is inside the program: the attention side holds both custom calls
             text = runner.lower_attention(seen[0][0])
             assert "m2n_send" in text and "m2n_recv" in text
+            step = max(seen, key=lambda s: len(s[0]))[0]  # a step with the most micro-batches
+            scheduled = _schedule(runner.lower_attention(step, compiled=True))
+            assert scheduled == _ping_pong(len(step), tiny_config().num_layers), scheduled
     finally:
         engine.close()
     assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]  # stopped cleanly
@@ -86,7 +112,7 @@ def test_shm_one_expert_node_one_micro_batch():
 
 
 def test_tcp_two_expert_nodes_two_micro_batches():
-    _check_generation(DeploymentPlan(1, 1, 2, 1, 2, transport="tcp"))
+    _check_generation(DeploymentPlan(1, 1, 2, 1, 2, transport="tcp"), check_hlo=True)
 
 
 @pytest.mark.slow

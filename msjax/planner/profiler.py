@@ -165,24 +165,44 @@ def time_decode_steps(engine, batch: int, context: int, steps: int, warm_decode_
     """Queue `batch` requests of `context` prompt tokens, step through their prefill and `warm_decode_steps`
     decode steps (which compile), then return the median seconds of `steps` more decode steps. Each request
     has room for 8 steps past those, for a caller's traced step. `around("start")` / `around("stop")` are
-    called right before and after the timed steps (a caller's CPU-time probe)."""
+    called right before and after each timed step (a caller's CPU-time probe)."""
+    probe = None if around is None else (lambda _, when: around(when))
+    return time_decode_step_variants(engine, batch, context, steps, {None: lambda: None}, warm_decode_steps,
+                                     around=probe)[None]
+
+
+def time_decode_step_variants(engine, batch: int, context: int, steps: int, variants: dict,
+                              warm_decode_steps: int = 3, around: Callable | None = None) -> dict:
+    """Like `time_decode_steps`, for several settings of one engine timed step by step in turn: `variants` maps
+    a key to a function that sets the engine up for the next step (say, its number of micro-batches). Each
+    variant gets `warm_decode_steps` untimed steps (its compiles), then the timed steps go round the variants
+    `steps` times, so a slow spell of the machine lands on every variant alike and all of them run in the same
+    processes with the same memory. -> {key: median seconds}. `around(key, "start" | "stop")` is called right
+    before and after each timed step."""
     from msjax.engine.sampling_params import SamplingParams
-    sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    rounds = (warm_decode_steps + steps) * len(variants)
+    sp = SamplingParams(max_tokens=rounds + 8, temperature=0.0, ignore_eos=True)
     vocab = engine.model_config.vocab_size
     for i in range(batch):
         engine.add_request(str(i), [(i * 7 + j) % vocab for j in range(context)], sp)
-    while engine.stats.num_decode_steps < warm_decode_steps:
+    while engine.stats.num_decode_steps == 0:  # prefill, and the first decode step
         engine.step()
-    times = []
-    if around is not None:
-        around("start")
+    for setup in variants.values():
+        setup()
+        for _ in range(warm_decode_steps):
+            engine.step()
+    times = {key: [] for key in variants}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    if around is not None:
-        around("stop")
-    return statistics.median(times)
+        for key, setup in variants.items():
+            setup()
+            if around is not None:
+                around(key, "start")
+            t0 = time.perf_counter()
+            engine.step()
+            times[key].append(time.perf_counter() - t0)
+            if around is not None:
+                around(key, "stop")
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def measure_host_seconds(model_cfg: ModelConfig, batch: int, context: int, m: int, steps: int = 20) -> float:
@@ -236,4 +256,5 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
     return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
 
 
-__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "time_decode_steps", "predicted_step_seconds", "profile_toml", "ModelConfig"]
+__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "time_decode_steps", "time_decode_step_variants",
+           "predicted_step_seconds", "profile_toml", "ModelConfig"]

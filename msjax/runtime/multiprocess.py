@@ -330,6 +330,9 @@ class MultiProcessRunner:
                 for i in range(m):
                     if layer > 0:
                         moe[i], token = recv(layer - 1, i, *sent[i], token)
+                    else:  # this attention after the previous micro-batch's send: without the order XLA may run
+                        # every layer-0 attention first and hold the sends back, idling the expert nodes
+                        h[i], token = jax.lax.optimization_barrier((h[i], token))
                     h[i], orders, weights, load_total, kv, token = send(
                         graphdef, state, layer, i, h[i], moe[i], inputs[i][1], kv, token, load_total,
                         decode=decodes[i], routing=routing)
@@ -337,11 +340,13 @@ class MultiProcessRunner:
                     # the order XLA may schedule that write first and copy the whole cache to keep this read
                     kv, h[i] = jax.lax.optimization_barrier((kv, h[i]))
                     sent[i] = (orders, weights)
-            for i in range(m):
+            sampled = []
+            for i in range(m):  # micro-batch i's LM head and sampling while the experts finish micro-batch i+1
                 moe[i], token = recv(num_layers - 1, i, *sent[i], token)
-            sampled = tuple(head_step(graphdef, state, h[i], moe[i], *inputs[i][2:], num_logprobs=num_logprobs[i])
-                            for i in range(m))
-            return sampled, kv, token, load_total
+                out = head_step(graphdef, state, h[i], moe[i], *inputs[i][2:], num_logprobs=num_logprobs[i])
+                out, token = jax.lax.optimization_barrier((out, token))  # before the next receive
+                sampled.append(out)
+            return tuple(sampled), kv, token, load_total
         return step
 
     def _step_program(self, a: int):
@@ -358,11 +363,13 @@ class MultiProcessRunner:
         return dict(inputs=jax.device_put(inputs, self.devices[a]), decodes=tuple(b.decode for b in node),
                     num_logprobs=tuple(b.num_logprobs for b in node), routing=self.routing)
 
-    def lower_attention(self, node: list[StepBatch], a: int = 0) -> str:
-        """HLO text of attention node a's step program for the micro-batches `node` (it holds the custom calls)."""
-        return self._step_program(a).lower(self.attention_def, self.attention_states[a], kv=self.kv[a],
-                                           token=self._tokens[a], load_total=self._loads[a],
-                                           **self._step_args(a, node)).as_text()
+    def lower_attention(self, node: list[StepBatch], a: int = 0, *, compiled: bool = False) -> str:
+        """HLO text of attention node a's step program for the micro-batches `node` (it holds the custom calls):
+        as lowered, or with `compiled` as XLA scheduled it (the order the node runs it in)."""
+        lowered = self._step_program(a).lower(self.attention_def, self.attention_states[a], kv=self.kv[a],
+                                              token=self._tokens[a], load_total=self._loads[a],
+                                              **self._step_args(a, node))
+        return lowered.compile().as_text() if compiled else lowered.as_text()
 
     # -- the step ---------------------------------------------------------------------------------------------
 
