@@ -35,8 +35,8 @@ from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
-from msjax.planner.profiler import (fit, measure_host_seconds, measure_layer_times,  # noqa: E402
-                                   predicted_step_seconds, time_decode_step_variants)
+from msjax.planner.profiler import (fit, measure_layer_times, predicted_step_seconds,  # noqa: E402
+                                   time_decode_step_variants, traced_host_seconds)
 from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
 
 
@@ -53,14 +53,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+WARM_STEPS = 3  # untimed decode steps per m (its compile), time_decode_step_variants' default
+HOST_ROUNDS = 2  # traced steps per m after the timed ones, for T_host
+
+
+def engine_config(batch: int, context: int, steps: int, variants: int) -> EngineConfig:
+    """Room for the prompts and every decode step of a run: each sequence gains one token per step."""
+    max_model_len = context + variants * (WARM_STEPS + steps + HOST_ROUNDS) + 16
+    return EngineConfig(page_size=16, num_pages=batch * -(-max_model_len // 16), max_num_seqs=batch,
+                        max_num_batched_tokens=max(batch, 256), max_model_len=max_model_len)
+
+
+def timed_context(context: int, steps: int, variants: int) -> int:
+    """The tokens a sequence holds halfway through the timed steps (prompt, first decode step, the warm-up
+    steps of every variant, then half the timed rounds): the context the profile should time attention at."""
+    return context + 1 + variants * (WARM_STEPS + steps // 2)
+
+
 def measure(model: MoEModel, ms: list[int], batch: int, context: int, steps: int) -> dict[int, tuple]:
     """One attention process and one expert process, every m of `ms` timed in turn step by step (the engine's
     micro-batch count changes between steps; the runner takes any number per step). -> {m: (median decode step
-    seconds, attention busy, experts busy)}, busy = CPU time / wall time of each process over that m's timed
-    steps, the M2N waits' polling phase included (up to MSJAX_M2N_POLL_US before a waiter sleeps)."""
-    cfg = EngineConfig(page_size=16, num_pages=batch * (context // 16 + 2 + len(ms) * (steps + 4) // 16),
-                       max_num_seqs=batch, max_num_batched_tokens=max(batch, 256),
-                       max_model_len=context + len(ms) * (steps + 4) + 16)
+    seconds, attention busy, experts busy, T_host seconds)}, busy = CPU time / wall time of each process over
+    that m's timed steps, the M2N waits' polling phase included (up to MSJAX_M2N_POLL_US before a waiter
+    sleeps); T_host from a profiler trace of HOST_ROUNDS more steps per m (`traced_host_seconds`)."""
+    cfg = engine_config(batch, context, steps, len(ms))
     plan = DeploymentPlan(1, 1, 1, 1, ms[0], transport="shm")
     runner = MultiProcessRunner(model, cfg, plan)
     try:
@@ -84,8 +100,13 @@ def measure(model: MoEModel, ms: list[int], batch: int, context: int, steps: int
         def use(m: int):
             return lambda: setattr(engine, "micro_batches", m)
 
-        step_s = time_decode_step_variants(engine, batch, context, steps, {m: use(m) for m in ms}, around=around)
-        return {m: (step_s[m], cpu[m][0] / wall[m], cpu[m][1] / wall[m]) for m in ms}
+        variants = {m: use(m) for m in ms}
+        host = {}
+        step_s = time_decode_step_variants(engine, batch, context, steps, variants, WARM_STEPS, around=around,
+                                           after=lambda: host.update(traced_host_seconds(engine, variants,
+                                                                                         HOST_ROUNDS)),
+                                           spare_steps=8 + HOST_ROUNDS * len(ms))
+        return {m: (step_s[m], cpu[m][0] / wall[m], cpu[m][1] / wall[m], host[m]) for m in ms}
     finally:
         runner.close()
 
@@ -117,31 +138,34 @@ def main():
     ms = [int(x) for x in args.micro_batches.split(",")]
     sizes = {m: bucket(-(-args.batch // m), args.batch) for m in ms}
     # T_a and T_e on one core (this process is pinned): one program call per layer, back to back, or with
-    # --whole-step-profile one program over every layer
-    measured = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=8,
-                                   whole_step=args.whole_step_profile)
+    # --whole-step-profile one program over every layer; at the context and page-table width of the timed steps
+    # (the XLA:CPU attention reads the whole table)
+    measured = measure_layer_times(model, sorted(set(sizes.values())),
+                                   timed_context(args.context, args.steps, len(ms)), chain=8,
+                                   whole_step=args.whole_step_profile,
+                                   max_model_len=engine_config(args.batch, args.context, args.steps,
+                                                               len(ms)).max_model_len)
     t_a, t_e, t_c, t_o = fit(measured)
-    # T_host: the engine's own work per step (scheduling, batch building, output handling), which nothing
-    # overlaps: measured with a runner that returns at once, on this core
-    host = {m: measure_host_seconds(model_cfg, args.batch, args.context, m) for m in ms}
     runs = {m: [] for m in ms}
     for _ in range(args.repeats):  # a fresh pair of processes each; inside one, the m alternate step by step
         for m, run in measure(model, ms, args.batch, args.context, args.steps).items():
             runs[m].append(run)
-            print(f"m={m}: {1e3 * run[0]:.1f} ms, busy {run[1]:.0%} / {run[2]:.0%}", flush=True)
+            print(f"m={m}: {1e3 * run[0]:.1f} ms, busy {run[1]:.0%} / {run[2]:.0%}, host {1e3 * run[3]:.1f} ms",
+                  flush=True)
     rows, base = [], None
     for m in ms:
         step_s = statistics.median(r[0] for r in runs[m])
         base = base or step_s
         b = sizes[m]
+        host = statistics.median(r[3] for r in runs[m])  # T_host: the engine's work per step that nothing overlaps
         predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o,
-                                           t_host=host[m])
+                                           t_host=host)
         rows.append({"m": m, "micro_batch": b, "step_ms": round(1e3 * step_s, 1),
                      "spread_ms": " / ".join(f"{1e3 * r[0]:.1f}" for r in runs[m]),
                      "busy_attention": f"{statistics.median(r[1] for r in runs[m]):.0%}",
                      "busy_experts": f"{statistics.median(r[2] for r in runs[m]):.0%}",
                      "tok_s": round(args.batch / step_s, 1), "speedup": f"{base / step_s:.2f}x",
-                     "host_ms": round(1e3 * host[m], 1), "predicted_ms": round(1e3 * predicted, 1),
+                     "host_ms": round(1e3 * host, 1), "predicted_ms": round(1e3 * predicted, 1),
                      "error": f"{predicted / step_s - 1:+.0%}"})
         print(rows[-1], flush=True)
 
@@ -155,15 +179,19 @@ def main():
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
              f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; "
              f"{args.repeats} runs, each a fresh pair of processes in which the m take turns step by step "
-             f"({args.steps} timed steps per m, median); the table gives the median of the runs and each run; busy = CPU time / wall time of each process over the timed "
-             f"steps, M2N polling included (MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it "
+             f"({args.steps} timed steps per m, median); the table gives the median of the runs and each run; "
+             f"busy = CPU time / wall time of each process over the timed steps, M2N polling included (MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it "
              f"sleeps, so with a long budget busy is near 100% and says little). "
              f"XLA:CPU single-threaded in both processes (one core each). "
              f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
              f"ping-pong order). "
-             f"Profiled on one core ({how_profiled}): {show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process "
-             f"copy), {show('T_o', t_o)} per micro-batch; T_host = the engine's host work per step, measured with a "
-             f"runner that returns at once. Predicted = Eq. 5 (overlapped pipeline) + m x T_o + T_host.")
+             f"Profiled on one core ({how_profiled}, at the timed steps' mean context "
+             f"{timed_context(args.context, args.steps, len(ms))} and page-table width): {show('T_a', t_a)}, "
+             f"{show('T_e', t_e)}, {show('T_c', t_c)} (in-process copy), {show('T_o', t_o)} per micro-batch; "
+             f"T_host = the engine's host work per step that no program overlaps (scheduling, inputs, dispatch, "
+             f"outputs): step wall time minus the span of the attention node's program, from a profiler trace of "
+             f"{HOST_ROUNDS} more steps per m in each run. Predicted = Eq. 5 (overlapped pipeline) + m x T_o + "
+             f"T_host.")
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
     name += "-whole-step-profile" if args.whole_step_profile else ""
     path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),

@@ -266,3 +266,23 @@ def test_profiler_measures_the_real_programs(monkeypatch):
     profile = parse_profile(tomllib.loads(profile_toml(line, gpu="H100")))
     assert profile.cost("attention", "H100", 1).slope == pytest.approx(t_a.slope, rel=1e-3)
     assert profile.cost("expert", "H100", 1).intercept == pytest.approx(t_e.intercept, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_step_variants_take_turns_and_host_time_comes_from_the_trace():
+    from msjax.planner.profiler import time_decode_step_variants, traced_host_seconds
+    engine = Engine(model("mixtral"), EngineConfig(**OPTIONS), plan=DeploymentPlan(1, 1, 1, 1, 1))
+    counts = []  # micro-batches of each step the runner ran
+    run = engine.runner.run
+    engine.runner.run = lambda batches: (counts.append(len(batches[0])), run(batches))[1]
+    variants = {m: (lambda m=m: setattr(engine, "micro_batches", m)) for m in (1, 2)}
+    host = {}
+    times = time_decode_step_variants(engine, 4, 6, 2, variants, warm_decode_steps=1,
+                                      after=lambda: host.update(traced_host_seconds(engine, variants, rounds=1)),
+                                      spare_steps=4)
+    # warm-up 1 then 2, timed steps in turn, then the traced round
+    assert counts[-8:] == [1, 2, 1, 2, 1, 2, 1, 2]
+    assert set(times) == set(host) == {1, 2}
+    for m in (1, 2):  # the host share of a step: positive, and less than the whole step
+        assert 0 < host[m] < times[m] * 1.5, (host, times)
+    engine.close()

@@ -42,8 +42,13 @@ def _median_seconds(fn, repeats: int, chain: int = 1) -> float:
 
 
 def measure_layer_times(model: MoEModel, batches: list[int], context: int, repeats: int = 20,
-                        devices=None, chain: int = 1, whole_step: bool = False) -> dict[str, list[float]]:
+                        devices=None, chain: int = 1, whole_step: bool = False,
+                        max_model_len: int | None = None) -> dict[str, list[float]]:
     """Seconds per layer of attention (with its combine) and of the expert node, for each decode batch.
+    `context`: the tokens each sequence holds; `max_model_len`: the engine's, which sets how wide its page
+    tables are (pages per sequence; default: room for `context`). Give both as the engine being modelled has
+    them: the XLA:CPU attention reads every page of the table, so there its cost follows max_model_len, while a
+    GPU kernel stops at each sequence's length.
     chain > 1 measures calls dispatched back to back (see `_median_seconds`), as the host loop issues them.
     whole_step=True times one program over every layer (chained, divided by the layer count), as the
     multi-process runner and its expert workers run a step, instead of one program call per layer as the
@@ -53,15 +58,15 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
                                              expert_step, head_step)
     cfg = model.cfg
     page_size = 16
-    pages = max(batches) * (-(-context // page_size) + 1)
-    runner = DisaggregatedRunner(model, EngineConfig(page_size=page_size, num_pages=pages,
-                                                     max_model_len=context + page_size),
+    max_model_len = max(max_model_len or 0, context + page_size)
+    per_seq = -(-max_model_len // page_size)  # the engine's page-table width
+    runner = DisaggregatedRunner(model, EngineConfig(page_size=page_size, num_pages=max(batches) * per_seq,
+                                                     max_model_len=max_model_len),
                                  DeploymentPlan(1, 1, 1, 1, 1), devices)
     put = runner.transport.send
     amesh, emesh = runner.attention_meshes[0], runner.expert_meshes[0]
     out = {"batch": list(batches), "attention_s": [], "expert_s": [], "transfer_s": [], "step_fixed_s": []}
     rng = np.random.default_rng(0)
-    per_seq = -(-context // page_size) + 1
     layers = [jnp.int32(layer) for layer in range(cfg.num_layers)]
     for b in batches:
         table = np.arange(b * per_seq, dtype=np.int32).reshape(b, per_seq)
@@ -172,16 +177,18 @@ def time_decode_steps(engine, batch: int, context: int, steps: int, warm_decode_
 
 
 def time_decode_step_variants(engine, batch: int, context: int, steps: int, variants: dict,
-                              warm_decode_steps: int = 3, around: Callable | None = None) -> dict:
+                              warm_decode_steps: int = 3, around: Callable | None = None,
+                              after: Callable[[], None] | None = None, spare_steps: int = 8) -> dict:
     """Like `time_decode_steps`, for several settings of one engine timed step by step in turn: `variants` maps
     a key to a function that sets the engine up for the next step (say, its number of micro-batches). Each
     variant gets `warm_decode_steps` untimed steps (its compiles), then the timed steps go round the variants
     `steps` times, so a slow spell of the machine lands on every variant alike and all of them run in the same
     processes with the same memory. -> {key: median seconds}. `around(key, "start" | "stop")` is called right
-    before and after each timed step."""
+    before and after each timed step; `after()` once after the timed steps, while the requests still decode
+    (each has room for `spare_steps` more steps)."""
     from msjax.engine.sampling_params import SamplingParams
     rounds = (warm_decode_steps + steps) * len(variants)
-    sp = SamplingParams(max_tokens=rounds + 8, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=rounds + spare_steps, temperature=0.0, ignore_eos=True)
     vocab = engine.model_config.vocab_size
     for i in range(batch):
         engine.add_request(str(i), [(i * 7 + j) % vocab for j in range(context)], sp)
@@ -202,7 +209,50 @@ def time_decode_step_variants(engine, batch: int, context: int, steps: int, vari
             times[key].append(time.perf_counter() - t0)
             if around is not None:
                 around(key, "stop")
+    if after is not None:
+        after()
     return {key: statistics.median(t) for key, t in times.items()}
+
+
+def traced_host_seconds(engine, variants: dict, rounds: int = 2) -> dict:
+    """T_host of the real engine: the host work of a decode step that no device overlaps (scheduling, batch
+    building, moving the inputs, dispatch, output handling), as the step's wall time minus the span of the device
+    programs it ran, read from a profiler trace of `rounds` steps per variant (host events only; no Python
+    tracer, whose overhead would land on exactly this). The engine must have requests decoding. `variants` as
+    in `time_decode_step_variants`. -> {key: median seconds}."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    keys = []
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True, profiler_options=options):
+            for _ in range(rounds):
+                for key, setup in variants.items():
+                    setup()
+                    with jax.profiler.TraceAnnotation(f"msjax-host-probe-{len(keys)}"):
+                        engine.step()
+                    keys.append(key)
+        (path,) = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    steps = {int(e["name"].rsplit("-", 1)[1]): e for e in events if e["name"].startswith("msjax-host-probe-")}
+    runs = [e for e in events if e["name"].startswith("ThunkExecutor::Execute")]  # XLA:CPU program execution
+    host = {key: [] for key in variants}
+    for i, key in enumerate(keys):
+        start, end = steps[i]["ts"], steps[i]["ts"] + steps[i]["dur"]
+        inside = [e for e in runs if start <= e["ts"] <= end]
+        if not inside:
+            raise RuntimeError("traced_host_seconds: no XLA:CPU program execution in the trace of a step "
+                               "(only the CPU backend's events are read)")
+        # a program ends when its "(wait for completion)" event does: the events of the executors it spawned can
+        # close later (after they signalled completion)
+        ends = [e for e in inside if e["name"].endswith("(wait for completion)")] or inside
+        busy = max(e["ts"] + e["dur"] for e in ends) - min(e["ts"] for e in inside)
+        host[key].append((steps[i]["dur"] - busy) * 1e-6)  # the trace's times are µs
+    return {key: statistics.median(t) for key, t in host.items()}
 
 
 def measure_host_seconds(model_cfg: ModelConfig, batch: int, context: int, m: int, steps: int = 20) -> float:
@@ -257,4 +307,5 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
 
 
 __all__ = ["fit", "measure_host_seconds", "measure_layer_times", "time_decode_steps", "time_decode_step_variants",
+           "traced_host_seconds",
            "predicted_step_seconds", "profile_toml", "ModelConfig"]
