@@ -119,6 +119,9 @@ def main():
     parser.add_argument("--micro-batches", default="1,2,3,4")
     parser.add_argument("--expert-ffn", type=int, default=BALANCED.expert_ffn_size,
                         help="expert FFN width: smaller moves T_e towards T_a on one core")
+    parser.add_argument("--layers", type=int, default=BALANCED.num_layers,
+                        help="decoder layers: a step's fixed costs (host work, LM head, the pipeline's fill) are "
+                             "shared by more layers in a deeper model, as in real ones (32-60 layers)")
     parser.add_argument("--poll-us", type=int, default=20000,
                         help="MSJAX_M2N_POLL_US for both processes: how long an M2N wait polls before it sleeps. "
                              "Each node owns its core here (as a GPU's proxy thread polls), and a sleeping vCPU "
@@ -133,46 +136,51 @@ def main():
     os.environ["MSJAX_M2N_POLL_US"] = str(args.poll_us)  # read at the first wait; the workers inherit it
     if len(os.sched_getaffinity(0)) != 1 or os.cpu_count() < 2:
         sys.exit("needs two cores")
-    model_cfg = dataclasses.replace(BALANCED, expert_ffn_size=args.expert_ffn)
+    model_cfg = dataclasses.replace(BALANCED, expert_ffn_size=args.expert_ffn, num_layers=args.layers)
     model = MoEModel.random(model_cfg, seed=0)
     ms = [int(x) for x in args.micro_batches.split(",")]
     sizes = {m: bucket(-(-args.batch // m), args.batch) for m in ms}
-    # T_a and T_e on one core (this process is pinned): one program call per layer, back to back, or with
-    # --whole-step-profile one program over every layer; at the context and page-table width of the timed steps
-    # (the XLA:CPU attention reads the whole table)
-    measured = measure_layer_times(model, sorted(set(sizes.values())),
-                                   timed_context(args.context, args.steps, len(ms)), chain=8,
-                                   whole_step=args.whole_step_profile,
-                                   max_model_len=engine_config(args.batch, args.context, args.steps,
-                                                               len(ms)).max_model_len)
-    t_a, t_e, t_c, t_o = fit(measured)
-    runs = {m: [] for m in ms}
-    for _ in range(args.repeats):  # a fresh pair of processes each; inside one, the m alternate step by step
+    max_model_len = engine_config(args.batch, args.context, args.steps, len(ms)).max_model_len
+    runs = {m: [] for m in ms}  # per run: (step s, attention busy, experts busy, T_host s, predicted s)
+    profiles = []
+    for _ in range(args.repeats):
+        # T_a and T_e on one core (this process is pinned), right before the run they predict (this machine's
+        # speed drifts by tens of percent over minutes): one program call per layer, back to back, or with
+        # --whole-step-profile one program over every layer; at the context and page-table width of the timed
+        # steps (the XLA:CPU attention reads the whole table)
+        measured = measure_layer_times(model, sorted(set(sizes.values())),
+                                       timed_context(args.context, args.steps, len(ms)), chain=8,
+                                       whole_step=args.whole_step_profile, max_model_len=max_model_len)
+        t_a, t_e, t_c, t_o = fit(measured)
+        profiles.append((t_a, t_e, t_c, t_o))
+        # a fresh pair of processes; inside it the m alternate step by step
         for m, run in measure(model, ms, args.batch, args.context, args.steps).items():
-            runs[m].append(run)
-            print(f"m={m}: {1e3 * run[0]:.1f} ms, busy {run[1]:.0%} / {run[2]:.0%}, host {1e3 * run[3]:.1f} ms",
-                  flush=True)
-    rows, base = [], None
+            predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, sizes[m] * m, m, overlap=True,
+                                               t_c=t_c, t_o=t_o, t_host=run[3])
+            runs[m].append((*run, predicted))
+            print(f"m={m}: {1e3 * run[0]:.1f} ms, busy {run[1]:.0%} / {run[2]:.0%}, host {1e3 * run[3]:.1f} ms, "
+                  f"predicted {1e3 * predicted:.1f} ms", flush=True)
+    rows = []
     for m in ms:
         step_s = statistics.median(r[0] for r in runs[m])
-        base = base or step_s
-        b = sizes[m]
-        host = statistics.median(r[3] for r in runs[m])  # T_host: the engine's work per step that nothing overlaps
-        predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, b * m, m, overlap=True, t_c=t_c, t_o=t_o,
-                                           t_host=host)
-        rows.append({"m": m, "micro_batch": b, "step_ms": round(1e3 * step_s, 1),
+        predicted = statistics.median(r[4] for r in runs[m])
+        rows.append({"m": m, "micro_batch": sizes[m], "step_ms": round(1e3 * step_s, 1),
                      "spread_ms": " / ".join(f"{1e3 * r[0]:.1f}" for r in runs[m]),
                      "busy_attention": f"{statistics.median(r[1] for r in runs[m]):.0%}",
                      "busy_experts": f"{statistics.median(r[2] for r in runs[m]):.0%}",
-                     "tok_s": round(args.batch / step_s, 1), "speedup": f"{base / step_s:.2f}x",
-                     "host_ms": round(1e3 * host, 1), "predicted_ms": round(1e3 * predicted, 1),
-                     "error": f"{predicted / step_s - 1:+.0%}"})
+                     "tok_s": round(args.batch / step_s, 1),
+                     "speedup": f"{statistics.median(runs[ms[0]][k][0] for k in range(args.repeats)) / step_s:.2f}x",
+                     "run_speedups": " / ".join(f"{b[0] / r[0]:.2f}" for b, r in zip(runs[ms[0]], runs[m])),
+                     "host_ms": round(1e3 * statistics.median(r[3] for r in runs[m]), 1),
+                     "predicted_ms": round(1e3 * predicted, 1),
+                     "error": " / ".join(f"{r[4] / r[0] - 1:+.0%}" for r in runs[m])})
         print(rows[-1], flush=True)
 
     def show(name, c):
         return f"{name}(b) = {1e3 * c.slope:.4f} ms x b + {1e3 * c.intercept:.3f} ms"
 
     c = model_cfg
+    t_a, t_e, t_c, t_o = profiles[0]
     how_profiled = "one program over every layer" if args.whole_step_profile else "one call per layer"
     notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
@@ -180,27 +188,32 @@ def main():
              f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; "
              f"{args.repeats} runs, each a fresh pair of processes in which the m take turns step by step "
              f"({args.steps} timed steps per m, median); the table gives the median of the runs and each run; "
-             f"busy = CPU time / wall time of each process over the timed steps, M2N polling included (MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it "
-             f"sleeps, so with a long budget busy is near 100% and says little). "
+             f"busy = CPU time / wall time of each process over the timed steps, M2N polling included "
+             f"(MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it sleeps, so with a long budget "
+             f"busy is near 100% and says little). "
              f"XLA:CPU single-threaded in both processes (one core each). "
              f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
              f"ping-pong order). "
-             f"Profiled on one core ({how_profiled}, at the timed steps' mean context "
-             f"{timed_context(args.context, args.steps, len(ms))} and page-table width): {show('T_a', t_a)}, "
-             f"{show('T_e', t_e)}, {show('T_c', t_c)} (in-process copy), {show('T_o', t_o)} per micro-batch; "
+             f"Each run profiled on one core right before it ({how_profiled}, at the timed steps' mean context "
+             f"{timed_context(args.context, args.steps, len(ms))} and page-table width); the first run's: "
+             f"{show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process copy), {show('T_o', t_o)} per "
+             f"micro-batch; "
              f"T_host = the engine's host work per step that no program overlaps (scheduling, inputs, dispatch, "
              f"outputs): step wall time minus the span of the attention node's program, from a profiler trace of "
              f"{HOST_ROUNDS} more steps per m in each run. Predicted = Eq. 5 (overlapped pipeline) + m x T_o + "
-             f"T_host.")
+             f"T_host, from each run's own profile (the table: the median of the runs' predictions, and each run's "
+             f"error). \"vs m=1\": medians; \"per run\": each run's m = 1 step over its step.")
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
+    name += "" if args.layers == BALANCED.num_layers else f"-{args.layers}layers"
     name += "-whole-step-profile" if args.whole_step_profile else ""
     path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
                                                    ("step_ms", "decode step (ms)"), ("spread_ms", "runs (ms)"),
                                                    ("busy_attention", "attention busy"),
                                                    ("busy_experts", "experts busy"), ("tok_s", "tokens/s"),
-                                                   ("speedup", "vs m=1"), ("host_ms", "T_host (ms)"),
+                                                   ("speedup", "vs m=1"), ("run_speedups", "per run"),
+                                                   ("host_ms", "T_host (ms)"),
                                                    ("predicted_ms", "Eq. 5 predicted (ms)"),
-                                                   ("error", "error")], notes)
+                                                   ("error", "error per run")], notes)
     print(f"wrote {path}")
 
 
