@@ -1,12 +1,15 @@
 // TCP transport: a sender keeps one connection per receiver and writes header then the valid payload bytes.
-// The receiver runs one thread per connected sender that validates each header as it comes off the wire, reads
-// the payload straight into that sender's next slot of the registered region and raises the slot's flag, so
-// the receiving side looks exactly like shared memory (and like RDMA write-with-immediate) to its consumer.
+// The receiver runs one I/O thread (epoll over the listening socket and every sender's connection, non-blocking)
+// that validates each header as it comes off the wire, reads the payload straight into that sender's next slot
+// of the registered region and raises the slot's flag, so the receiving side looks exactly like shared memory
+// (and like RDMA write-with-immediate) to its consumer. One thread per receiver, not one per sender: an expert
+// node may hear from many attention nodes, and a thread per connection multiplies threads past the cores.
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -77,35 +80,23 @@ bool ReadAll(int fd, void* data, size_t n) {
   return true;
 }
 
-class Flag : public PeerCheck {  // lets a blocked connection thread give up when the endpoint closes
- public:
-  explicit Flag(const std::atomic<bool>* stopping) : stopping_(stopping) {}
-  Status Check() const override {
-    if (stopping_->load()) return Error(Code::kUnavailable, "receiver closing");
-    return Status::Ok();
-  }
-
- private:
-  const std::atomic<bool>* stopping_;
-};
-
 class TcpReceiver : public RecvEndpoint {
  public:
   explicit TcpReceiver(EndpointSpec spec)
-      : RecvEndpoint(std::move(spec)), stop_check_(&stopping_), channels_(spec_.num_peers) {
-    for (uint32_t i = 0; i < spec_.num_peers; ++i) channels_[i].owner = this, channels_[i].sender = i;
+      : RecvEndpoint(std::move(spec)), channels_(spec_.num_peers) {
+    for (uint32_t i = 0; i < spec_.num_peers; ++i) channels_[i].sender = i;
   }
   ~TcpReceiver() override {
     stopping_ = true;
-    if (listen_fd_ >= 0) shutdown(listen_fd_, SHUT_RDWR);
-    if (acceptor_.joinable()) acceptor_.join();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (int fd : fds_) shutdown(fd, SHUT_RDWR);
+    if (wake_fd_ >= 0) {
+      uint64_t one = 1;
+      [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
     }
-    for (auto& t : readers_) t.join();
-    for (int fd : fds_) close(fd);
-    if (listen_fd_ >= 0) close(listen_fd_);
+    if (io_.joinable()) io_.join();
+    for (auto& c : conns_) close(c->fd);
+    for (int fd : {listen_fd_, epoll_fd_, wake_fd_}) {
+      if (fd >= 0) close(fd);
+    }
     if (region_ != MAP_FAILED) munmap(region_, region_bytes_);
   }
 
@@ -119,7 +110,7 @@ class TcpReceiver : public RecvEndpoint {
 
     sockaddr_in addr{};
     if (Status s = ParseAddress(spec_.addresses[0], &addr); !s.ok()) return s;
-    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (listen_fd_ < 0) return SysError("socket");
     int one = 1;
     setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
@@ -132,7 +123,18 @@ class TcpReceiver : public RecvEndpoint {
     char ip[INET_ADDRSTRLEN];
     inet_ntop(AF_INET, &addr.sin_addr, ip, sizeof(ip));
     address_ = std::string(ip) + ":" + std::to_string(ntohs(addr.sin_port));
-    acceptor_ = std::thread([this] { AcceptLoop(); });
+
+    epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+    if (epoll_fd_ < 0) return SysError("epoll_create1");
+    wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd_ < 0) return SysError("eventfd");
+    for (auto [fd, tag] : {std::pair{listen_fd_, kListenTag}, std::pair{wake_fd_, kWakeTag}}) {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = tag;
+      if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) return SysError("epoll_ctl");
+    }
+    io_ = std::thread([this] { IoLoop(); });
     return Status::Ok();
   }
   std::string address() const override { return address_; }
@@ -142,7 +144,6 @@ class TcpReceiver : public RecvEndpoint {
 
  private:
   struct Channel : PeerCheck {
-    const TcpReceiver* owner = nullptr;
     uint32_t sender = 0;
     std::atomic<bool> connected{false};
     mutable std::mutex mu;
@@ -157,78 +158,216 @@ class TcpReceiver : public RecvEndpoint {
     }
   };
 
-  void AcceptLoop() {
+  // One accepted connection, read as the bytes come: hello, then per message a header, a free slot, the payload.
+  struct Conn {
+    enum Phase { kHello, kHeader, kSlot, kPayload };
+    int fd = -1;
+    uint64_t index = 0;  // in conns_: its epoll tag
+    Phase phase = kHello;
+    Clock::time_point hello_deadline;
+    Hello hello{};
+    MessageHeader header{};
+    uint32_t sender = 0;
+    uint64_t seq = 0;
+    uint64_t got = 0;  // bytes of the current part read so far
+  };
+  // epoll user data: a connection's index in conns_, or one of these
+  static constexpr uint64_t kListenTag = ~uint64_t{0};
+  static constexpr uint64_t kWakeTag = ~uint64_t{0} - 1;
+
+  void IoLoop() {
+    std::vector<epoll_event> events(64);
     while (!stopping_) {
-      pollfd p{listen_fd_, POLLIN, 0};
-      if (poll(&p, 1, 100) <= 0) continue;
-      int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) continue;
-      int one = 1;
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-      timeval tv{static_cast<time_t>(std::max(1.0, spec_.timeout_s)), 0};
-      setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));  // a hello that never comes
-      Hello hello{};
-      bool ok = ReadAll(fd, &hello, sizeof(hello)) && hello.magic == kHelloMagic &&
-                hello.sender < spec_.num_peers && hello.receiver == spec_.index &&
-                !channels_[hello.sender].connected.exchange(true);
-      if (!ok) {  // not an M2N sender, or a second connection for one sender: refuse it
-        close(fd);
-        continue;
+      bool blocked = false;
+      Clock::time_point next_hello = Clock::time_point::max();
+      for (auto& c : conns_) {
+        if (c->fd < 0) continue;
+        blocked |= c->phase == Conn::kSlot;
+        if (c->phase == Conn::kHello) next_hello = std::min(next_hello, c->hello_deadline);
       }
-      tv = timeval{0, 0};
-      setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-      std::lock_guard<std::mutex> lock(mu_);
-      fds_.push_back(fd);
-      readers_.emplace_back([this, fd, sender = hello.sender] { ReadLoop(fd, sender); });
+      int n = Wait(events, blocked, next_hello);
+      if (stopping_) return;
+      for (int i = 0; i < n; ++i) {
+        uint64_t tag = events[i].data.u64;
+        if (tag == kWakeTag) return;
+        if (tag == kListenTag) {
+          Accept();
+        } else if (conns_[tag]->fd >= 0) {
+          Pump(*conns_[tag]);
+        }
+      }
+      // a connection waiting for a slot is out of the epoll set (its pending bytes would wake it in a loop) and
+      // nothing announces that the consumer freed the slot: look again
+      for (auto& c : conns_) {
+        if (c->fd >= 0 && c->phase == Conn::kSlot) Pump(*c);
+      }
+      auto now = Clock::now();
+      for (auto& c : conns_) {  // a connection that never says hello
+        if (c->fd >= 0 && c->phase == Conn::kHello && now >= c->hello_deadline) Drop(*c);
+      }
     }
   }
 
-  void ReadLoop(int fd, uint32_t sender) {
-    Channel& channel = channels_[sender];
-    for (uint64_t seq = 0;; ++seq) {
-      MessageHeader h;
-      if (!ReadAll(fd, &h, sizeof(h))) {
-        int err = errno;
-        channel.Fail(Error(Code::kUnavailable,
-                           "M2N sender " + std::to_string(sender) + " closed its connection" +
-                               (err ? std::string(" (") + std::strerror(err) + ")" : std::string()) +
-                               " before sending message seq " + std::to_string(seq)));
-        break;
+  // Waits for socket events; while a connection waits for a slot, only briefly (the consumer frees slots
+  // without a descriptor to poll).
+  int Wait(std::vector<epoll_event>& events, bool blocked, Clock::time_point next_hello) {
+    auto limit = blocked ? std::chrono::microseconds(50) : std::chrono::microseconds(100000);
+    auto until = std::min(Clock::now() + limit, next_hello);
+    auto ns = std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(until - Clock::now())
+                                       .count());
+    timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    int n = -1;
+    errno = ENOSYS;
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 35)
+    n = epoll_pwait2(epoll_fd_, events.data(), static_cast<int>(events.size()), &ts, nullptr);
+#endif
+    if (n < 0 && errno == ENOSYS) {  // glibc before 2.35 or kernel before 5.11: millisecond timeouts
+      n = epoll_wait(epoll_fd_, events.data(), static_cast<int>(events.size()),
+                     static_cast<int>(std::max<int64_t>(blocked ? 1 : 0, ns / 1000000)));
+    }
+    return n < 0 ? 0 : n;
+  }
+
+  void Accept() {
+    while (true) {
+      int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) return;  // EAGAIN: none left (or a transient error: the listening socket stays)
+      int one = 1;
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      auto conn = std::make_unique<Conn>();
+      conn->fd = fd;
+      conn->index = conns_.size();
+      conn->hello_deadline = DeadlineAfter(std::max(1.0, spec_.timeout_s));
+      if (!Watch(*conn, true)) {
+        close(fd);
+        continue;
       }
-      Status status = ValidateWireHeader(h, sender, spec_.num_peers, seq, spec_.capacity);
-      if (!status.ok()) {  // nothing of this message touches the region; the connection is dropped
-        channel.Fail(status);
-        shutdown(fd, SHUT_RDWR);
-        break;
+      conns_.push_back(std::move(conn));
+    }
+  }
+
+  // Puts a connection in the epoll set (its bytes wake the loop) or takes it out.
+  bool Watch(Conn& c, bool on) {
+    if (!on) return epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, c.fd, nullptr) == 0;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = c.index;
+    return epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, c.fd, &ev) == 0;
+  }
+
+  void Drop(Conn& c) {
+    Watch(c, false);  // ENOENT when it waited for a slot (out of the set already): harmless
+    shutdown(c.fd, SHUT_RDWR);
+    close(c.fd);
+    c.fd = -1;
+  }
+
+  // Reads into `dst` what the socket has of the `want` bytes still missing. 1: all there; 0: wait for more;
+  // -1: the connection ended (errno: 0 for EOF).
+  int ReadSome(Conn& c, void* dst, uint64_t want) {
+    while (c.got < want) {
+      ssize_t n = recv(c.fd, static_cast<uint8_t*>(dst) + c.got, want - c.got, 0);
+      if (n > 0) {
+        c.got += static_cast<uint64_t>(n);
+        continue;
       }
-      // Back-pressure: wait for the consumer to free the slot; TCP flow control stalls the sender meanwhile.
-      while (true) {
-        Status ready = mailbox_.WaitWritable(sender, seq, DeadlineAfter(3600), &stop_check_);
-        if (ready.ok()) break;
-        if (stopping_) return;
+      if (n == 0) {
+        errno = 0;
+        return -1;
       }
-      if (!ReadAll(fd, mailbox_.payload(sender, seq), h.nbytes)) {
-        channel.Fail(Error(Code::kUnavailable, "M2N sender " + std::to_string(sender) +
-                                                   " disconnected in the middle of message seq " +
-                                                   std::to_string(seq)));
-        break;
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+      return -1;
+    }
+    return 1;
+  }
+
+  // Moves one connection as far as its bytes and the free slots allow.
+  void Pump(Conn& c) {
+    while (c.fd >= 0) {
+      switch (c.phase) {
+        case Conn::kHello: {
+          int r = ReadSome(c, &c.hello, sizeof(c.hello));
+          if (r == 0) return;
+          if (r < 0 || c.hello.magic != kHelloMagic || c.hello.sender >= spec_.num_peers ||
+              c.hello.receiver != spec_.index || channels_[c.hello.sender].connected.exchange(true)) {
+            Drop(c);  // not an M2N sender, or a second connection for one sender: refuse it
+            return;
+          }
+          c.sender = c.hello.sender;
+          c.phase = Conn::kHeader;
+          c.got = 0;
+          break;
+        }
+        case Conn::kHeader: {
+          int r = ReadSome(c, &c.header, sizeof(c.header));
+          if (r == 0) return;
+          if (r < 0) {
+            int err = errno;
+            channels_[c.sender].Fail(Error(
+                Code::kUnavailable, "M2N sender " + std::to_string(c.sender) + " closed its connection" +
+                                        (err ? std::string(" (") + std::strerror(err) + ")" : std::string()) +
+                                        " before sending message seq " + std::to_string(c.seq)));
+            Drop(c);
+            return;
+          }
+          Status status = ValidateWireHeader(c.header, c.sender, spec_.num_peers, c.seq, spec_.capacity);
+          if (!status.ok()) {  // nothing of this message touches the region; the connection is dropped
+            channels_[c.sender].Fail(status);
+            Drop(c);
+            return;
+          }
+          if (mailbox_.control(c.sender, c.seq)->full.load(std::memory_order_acquire) != 0) {
+            // Back-pressure: the consumer has not freed this slot yet; TCP flow control stalls the sender meanwhile
+            Watch(c, false);
+            c.phase = Conn::kSlot;
+            return;
+          }
+          c.phase = Conn::kPayload;
+          c.got = 0;
+          break;
+        }
+        case Conn::kSlot:
+          if (mailbox_.control(c.sender, c.seq)->full.load(std::memory_order_acquire) != 0) return;
+          if (!Watch(c, true)) {
+            channels_[c.sender].Fail(SysError("epoll_ctl"));
+            Drop(c);
+            return;
+          }
+          c.phase = Conn::kPayload;
+          c.got = 0;
+          break;
+        case Conn::kPayload: {
+          int r = ReadSome(c, mailbox_.payload(c.sender, c.seq), c.header.nbytes);
+          if (r == 0) return;
+          if (r < 0) {
+            channels_[c.sender].Fail(Error(Code::kUnavailable, "M2N sender " + std::to_string(c.sender) +
+                                                                   " disconnected in the middle of message seq " +
+                                                                   std::to_string(c.seq)));
+            Drop(c);
+            return;
+          }
+          std::memcpy(mailbox_.header(c.sender, c.seq), &c.header, sizeof(c.header));
+          mailbox_.Publish(c.sender, c.seq);
+          ++c.seq;
+          c.phase = Conn::kHeader;
+          c.got = 0;
+          break;
+        }
       }
-      std::memcpy(mailbox_.header(sender, seq), &h, sizeof(h));
-      mailbox_.Publish(sender, seq);
     }
   }
 
   std::atomic<bool> stopping_{false};
-  Flag stop_check_;
   std::vector<Channel> channels_;
   void* region_ = MAP_FAILED;
   uint64_t region_bytes_ = 0;
   int listen_fd_ = -1;
+  int epoll_fd_ = -1;
+  int wake_fd_ = -1;
   std::string address_;
-  std::thread acceptor_;
-  std::mutex mu_;
-  std::vector<int> fds_;
-  std::vector<std::thread> readers_;
+  std::thread io_;
+  std::vector<std::unique_ptr<Conn>> conns_;  // only the I/O thread touches these (and the destructor after it)
 };
 
 class TcpSender : public SendEndpoint {
