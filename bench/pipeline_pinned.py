@@ -141,25 +141,33 @@ def main():
     ms = [int(x) for x in args.micro_batches.split(",")]
     sizes = {m: bucket(-(-args.batch // m), args.batch) for m in ms}
     max_model_len = engine_config(args.batch, args.context, args.steps, len(ms)).max_model_len
-    runs = {m: [] for m in ms}  # per run: (step s, attention busy, experts busy, T_host s, predicted s)
+    def profile():
+        """T_a, T_e, T_c, T_o on one core (this process is pinned): one program call per layer, back to back, or
+        with --whole-step-profile one program over every layer; at the context and page-table width of the
+        timed steps (the XLA:CPU attention reads the whole table)."""
+        return fit(measure_layer_times(model, sorted(set(sizes.values())),
+                                       timed_context(args.context, args.steps, len(ms)), chain=8,
+                                       whole_step=args.whole_step_profile, max_model_len=max_model_len))
+
+    # per run: (step s, attention busy, experts busy, T_host s, predicted s, drift)
+    runs = {m: [] for m in ms}
     profiles = []
     for _ in range(args.repeats):
-        # T_a and T_e on one core (this process is pinned), right before the run they predict (this machine's
-        # speed drifts by tens of percent over minutes): one program call per layer, back to back, or with
-        # --whole-step-profile one program over every layer; at the context and page-table width of the timed
-        # steps (the XLA:CPU attention reads the whole table)
-        measured = measure_layer_times(model, sorted(set(sizes.values())),
-                                       timed_context(args.context, args.steps, len(ms)), chain=8,
-                                       whole_step=args.whole_step_profile, max_model_len=max_model_len)
-        t_a, t_e, t_c, t_o = fit(measured)
-        profiles.append((t_a, t_e, t_c, t_o))
-        # a fresh pair of processes; inside it the m alternate step by step
-        for m, run in measure(model, ms, args.batch, args.context, args.steps).items():
-            predicted = predicted_step_seconds(t_a, t_e, model_cfg.num_layers, sizes[m] * m, m, overlap=True,
-                                               t_c=t_c, t_o=t_o, t_host=run[3])
-            runs[m].append((*run, predicted))
+        # profiled right before and right after the run they predict: this machine's speed drifts by tens of
+        # percent over minutes, and how far the two profiles disagree says how steady the run was
+        before = profile()
+        timed = measure(model, ms, args.batch, args.context, args.steps)  # a fresh pair of processes
+        after = profile()
+        profiles.append(before)
+        for m, run in timed.items():
+            guesses = [predicted_step_seconds(t_a, t_e, model_cfg.num_layers, sizes[m] * m, m, overlap=True,
+                                              t_c=t_c, t_o=t_o, t_host=run[3])
+                       for t_a, t_e, t_c, t_o in (before, after)]
+            predicted, drift = statistics.mean(guesses), guesses[1] / guesses[0] - 1
+            runs[m].append((*run, predicted, drift))
             print(f"m={m}: {1e3 * run[0]:.1f} ms, busy {run[1]:.0%} / {run[2]:.0%}, host {1e3 * run[3]:.1f} ms, "
-                  f"predicted {1e3 * predicted:.1f} ms", flush=True)
+                  f"predicted {1e3 * predicted:.1f} ms (profiles before / after the run differ by {drift:+.0%})",
+                  flush=True)
     rows = []
     for m in ms:
         step_s = statistics.median(r[0] for r in runs[m])
@@ -173,7 +181,8 @@ def main():
                      "run_speedups": " / ".join(f"{b[0] / r[0]:.2f}" for b, r in zip(runs[ms[0]], runs[m])),
                      "host_ms": round(1e3 * statistics.median(r[3] for r in runs[m]), 1),
                      "predicted_ms": round(1e3 * predicted, 1),
-                     "error": " / ".join(f"{r[4] / r[0] - 1:+.0%}" for r in runs[m])})
+                     "error": " / ".join(f"{r[4] / r[0] - 1:+.0%}" for r in runs[m]),
+                     "drift": " / ".join(f"{r[5]:+.0%}" for r in runs[m])})
         print(rows[-1], flush=True)
 
     def show(name, c):
@@ -194,15 +203,18 @@ def main():
              f"XLA:CPU single-threaded in both processes (one core each). "
              f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
              f"ping-pong order). "
-             f"Each run profiled on one core right before it ({how_profiled}, at the timed steps' mean context "
-             f"{timed_context(args.context, args.steps, len(ms))} and page-table width); the first run's: "
+             f"Each run profiled on one core right before and right after it ({how_profiled}, at the timed "
+             f"steps' mean context {timed_context(args.context, args.steps, len(ms))} and page-table width); "
+             f"the prediction is the mean of the two profiles' and the drift column how far the after-profile's "
+             f"prediction moved from the before-profile's (large: the machine's speed changed during the run); "
+             f"the first run's before-profile: "
              f"{show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process copy), {show('T_o', t_o)} per "
              f"micro-batch; "
              f"T_host = the engine's host work per step that no program overlaps (scheduling, inputs, dispatch, "
              f"outputs): step wall time minus the span of the attention node's program, from a profiler trace of "
              f"{HOST_ROUNDS} more steps per m in each run. Predicted = Eq. 5 (overlapped pipeline) + m x T_o + "
-             f"T_host, from each run's own profile (the table: the median of the runs' predictions, and each run's "
-             f"error). \"vs m=1\": medians; \"per run\": each run's m = 1 step over its step.")
+             f"T_host, from each run's own profiles (the table: the median of the runs' predictions, and each "
+             f"run's error). \"vs m=1\": medians; \"per run\": each run's m = 1 step over its step.")
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
     name += "" if args.layers == BALANCED.num_layers else f"-{args.layers}layers"
     name += "-whole-step-profile" if args.whole_step_profile else ""
@@ -213,7 +225,8 @@ def main():
                                                    ("speedup", "vs m=1"), ("run_speedups", "per run"),
                                                    ("host_ms", "T_host (ms)"),
                                                    ("predicted_ms", "Eq. 5 predicted (ms)"),
-                                                   ("error", "error per run")], notes)
+                                                   ("error", "error per run"),
+                                                   ("drift", "profile drift per run")], notes)
     print(f"wrote {path}")
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -105,6 +106,23 @@ def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
         engine.close()
     assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]  # stopped cleanly
     assert _segments() <= before
+
+
+def test_step_inputs_pack_into_two_arrays_and_back():
+    from msjax.engine.batch import StepBatch
+    from msjax.runtime.multiprocess import pack_step_inputs, unpack_step_inputs
+    rng = np.random.default_rng(0)
+    ints = lambda *shape: rng.integers(-5, 1000, size=shape).astype(np.int32)  # noqa: E731
+    b = StepBatch(True, 0, ints(6), ints(6), ints(6), ints(4, 3), ints(4), rng.random(4, np.float32),
+                  rng.random(4, np.float32), ints(4), rng.integers(0, 2**32, size=4, dtype=np.uint32), ints(4))
+    packed_ints, packed_floats, layout = pack_step_inputs(b)
+    assert packed_ints.dtype == np.int32 and packed_floats.dtype == np.float32 and layout == (6, 4, 3)
+    tokens, batch, logit_rows, temperature, top_p, top_k, seeds, steps = unpack_step_inputs(
+        jnp.asarray(packed_ints), jnp.asarray(packed_floats), layout)
+    for got, want in [(tokens, b.tokens), (batch.positions, b.positions), (batch.seq_ids, b.seq_ids),
+                      (batch.page_table, b.page_table), (logit_rows, b.logit_rows), (temperature, b.temperature),
+                      (top_p, b.top_p), (top_k, b.top_k), (seeds, b.seeds), (steps, b.steps)]:
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), want)
 
 
 def test_shm_one_expert_node_one_micro_batch():

@@ -83,6 +83,24 @@ def unpack_rows(buf: jax.Array, hidden: int, dtype) -> tuple[jax.Array, jax.Arra
     return rows, ids
 
 
+def pack_step_inputs(b: StepBatch) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """A micro-batch's step inputs as one int32 and one float32 array, and their layout (tokens, sequences,
+    pages per sequence): two transfers to the device instead of ten, each with a fixed host cost (~0.1 ms on
+    this project's CPU machine), on the host's critical path every step."""
+    ints = np.concatenate([b.tokens, b.positions, b.seq_ids, b.page_table.ravel(), b.logit_rows, b.top_k, b.steps,
+                           b.seeds.view(np.int32)])
+    return ints, np.concatenate([b.temperature, b.top_p]), (len(b.tokens), len(b.logit_rows), b.page_table.shape[1])
+
+
+def unpack_step_inputs(ints: jax.Array, floats: jax.Array, layout: tuple[int, int, int]) -> tuple:
+    """Inside the step program: (tokens, AttentionBatch, logit_rows, temperature, top_p, top_k, seeds, steps)."""
+    t, s, p = layout
+    cuts = np.cumsum([t, t, t, s * p, s, s, s])
+    tokens, positions, seq_ids, table, logit_rows, top_k, steps, seeds = jnp.split(ints, cuts)
+    return (tokens, AttentionBatch(positions, seq_ids, table.reshape(s, p)), logit_rows, floats[:s], floats[s:],
+            top_k, jax.lax.bitcast_convert_type(seeds, jnp.uint32), steps)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -320,8 +338,10 @@ class MultiProcessRunner:
         send, recv = self._send_body(a), self._recv_body(a)
         num_layers = self.cfg.num_layers
 
-        def step(graphdef, state, inputs, kv, token, load_total, *, decodes, num_logprobs, routing):
-            # inputs[i] = (tokens [t_i], AttentionBatch, logit_rows, temperature, top_p, top_k, seeds, steps)
+        def step(graphdef, state, inputs, kv, token, load_total, *, layouts, decodes, num_logprobs, routing):
+            # inputs[i] = (int32 [...], float32 [2 s_i]) as packed by pack_step_inputs; unpacked, inputs[i] =
+            # (tokens [t_i], AttentionBatch, logit_rows, temperature, top_p, top_k, seeds, steps)
+            inputs = tuple(unpack_step_inputs(ints, floats, layout) for (ints, floats), layout in zip(inputs, layouts))
             m = len(inputs)
             h = [embed_step(graphdef, state, x[0]) for x in inputs]  # [t_i, hidden] each
             moe = [jnp.zeros_like(x) for x in h]
@@ -353,14 +373,15 @@ class MultiProcessRunner:
         """Jitted `_step_body(a)`: one compile per step signature (micro-batch shapes, decode flags, logprobs)."""
         if a not in self._programs:
             self._programs[a] = jax.jit(self._step_body(a),
-                                        static_argnames=("graphdef", "decodes", "num_logprobs", "routing"),
+                                        static_argnames=("graphdef", "layouts", "decodes", "num_logprobs",
+                                                         "routing"),
                                         donate_argnames=("kv", "load_total"))
         return self._programs[a]
 
     def _step_args(self, a: int, node: list[StepBatch]):
-        inputs = tuple((b.tokens, AttentionBatch(b.positions, b.seq_ids, b.page_table), b.logit_rows, b.temperature,
-                        b.top_p, b.top_k, b.seeds, b.steps) for b in node)
-        return dict(inputs=jax.device_put(inputs, self.devices[a]), decodes=tuple(b.decode for b in node),
+        packed = [pack_step_inputs(b) for b in node]
+        return dict(inputs=jax.device_put(tuple((ints, floats) for ints, floats, _ in packed), self.devices[a]),
+                    layouts=tuple(layout for *_, layout in packed), decodes=tuple(b.decode for b in node),
                     num_logprobs=tuple(b.num_logprobs for b in node), routing=self.routing)
 
     def lower_attention(self, node: list[StepBatch], a: int = 0, *, compiled: bool = False) -> str:
