@@ -33,7 +33,7 @@ from bench.common import write_results  # noqa: E402
 from bench.pipeline import BALANCED  # noqa: E402
 from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
-from msjax.engine.batch import bucket  # noqa: E402
+from msjax.engine.batch import decode_bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
 from msjax.planner.profiler import (fit, measure_layer_times, predicted_step_seconds,  # noqa: E402
                                    time_decode_step_variants, traced_host_seconds)
@@ -139,7 +139,7 @@ def main():
     model_cfg = dataclasses.replace(BALANCED, expert_ffn_size=args.expert_ffn, num_layers=args.layers)
     model = MoEModel.random(model_cfg, seed=0)
     ms = [int(x) for x in args.micro_batches.split(",")]
-    sizes = {m: bucket(-(-args.batch // m), args.batch) for m in ms}
+    sizes = {m: decode_bucket(-(-args.batch // m), args.batch) for m in ms}
     max_model_len = engine_config(args.batch, args.context, args.steps, len(ms)).max_model_len
     def profile():
         """T_a, T_e, T_c, T_o on one core (this process is pinned): one program call per layer, back to back, or

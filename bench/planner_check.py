@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_results  # noqa: E402
 from bench.pipeline import BALANCED, measure  # noqa: E402
-from msjax.engine.batch import bucket  # noqa: E402
+from msjax.engine.batch import decode_bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
 from msjax.planner.profiler import fit, measure_host_seconds, measure_layer_times, predicted_step_seconds  # noqa: E402
 
@@ -35,7 +35,7 @@ def main():
                         help="profile calls dispatched back to back, as the host loop issues them (1: one sync per call)")
     args = parser.parse_args()
     model = MoEModel.random(BALANCED, seed=0)
-    sizes = {m: bucket(-(-args.batch // m), args.batch) for m in (1, 2, 3, 4)}
+    sizes = {m: decode_bucket(-(-args.batch // m), args.batch) for m in (1, 2, 3, 4)}
     measured_layers = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=args.chain)
     t_a, t_e, t_c, t_o = fit(measured_layers)
     rows = []

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from msjax.engine.batch import decode_buckets
 from msjax.engine.engine import Engine, RequestDelta
 from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
 from serving.metrics import Metrics
@@ -176,6 +177,8 @@ class EngineLoop:
                 continue
             now = time.monotonic()
             new_tokens = 0
+            deliveries = []  # handed out after the step's metrics are in: a client that has its tokens (and
+            # scrapes /metrics next) must find them counted
             for delta in deltas:
                 sub = self._active.get(delta.request_id)
                 if sub is None:
@@ -190,10 +193,12 @@ class EngineLoop:
                 if delta.finished:
                     del self._active[delta.request_id]
                     self._finish(sub, None, delta.finish_reason)
-                self._deliver(sub, delta)
+                deliveries.append((sub, delta))
             self.metrics.record_step(new_tokens, self.engine.num_running(),
                                      self.engine.num_waiting() + len(self._queued), len(self._queued),
                                      self.engine.num_free_pages())
+            for sub, delta in deliveries:
+                self._deliver(sub, delta)
             if self._has_expert_load and now - self._last_expert_read > self.expert_load_interval_s:
                 self._flush_expert_load()
 
@@ -255,8 +260,8 @@ class EngineLoop:
     # --- before the loop starts ---
 
     def warmup(self) -> None:
-        """Compile the step shapes before serving: decode at each power-of-two batch up to max_num_seqs, and
-        prefill at each power-of-two token budget up to max_num_batched_tokens."""
+        """Compile the step shapes before serving: decode at each batch size the engine pads to
+        (`decode_buckets`), and prefill at each power-of-two token budget up to max_num_batched_tokens."""
         cfg = self.engine.config
         greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
 
@@ -266,12 +271,8 @@ class EngineLoop:
             while self.engine.has_unfinished():
                 self.engine.step()
 
-        n = 1
-        while True:  # decode buckets (and the smallest prefill bucket)
+        for n in decode_buckets(cfg.max_num_seqs):  # decode buckets (and the smallest prefill bucket)
             run([[2 + i % 8] * 4 for i in range(n)])
-            if n >= cfg.max_num_seqs:
-                break
-            n = min(2 * n, cfg.max_num_seqs)
         # a ramp, as under load: one request arrives per step, then they leave one per step (the expert nodes see
         # the tokens of all attention replicas, so their shapes follow the mix, not one replica's bucket)
         ramp = cfg.max_num_seqs * len(self.engine.replicas)

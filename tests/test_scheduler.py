@@ -272,3 +272,16 @@ def test_metrics_reads_do_not_take_the_balancers_load():
     placement = engine.rebalance(redundancy=1)
     assert placement.nodes == place_experts(seen, 2, redundancy=1).nodes  # the whole window, not what was left
     assert engine.rebalance().nodes == place_experts(np.zeros(4, np.int64), 2).nodes  # a new window
+
+
+def test_decode_buckets_pad_by_at_most_a_third_above_eight():
+    from msjax.engine.batch import decode_bucket, decode_buckets
+    assert decode_buckets(64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert decode_buckets(20) == [1, 2, 4, 8, 12, 16, 20]  # the cap is a size of its own
+    assert [decode_bucket(n, 64) for n in (3, 9, 13, 22, 40, 64)] == [4, 12, 16, 24, 48, 64]
+    for cap in (1, 7, 16, 20, 64, 100):
+        for n in range(1, cap + 1):
+            size = decode_bucket(n, cap)
+            assert n <= size <= cap and size in decode_buckets(cap)
+            if 8 < size < cap:  # under a third of the rows are padding (powers of two alone: up to half)
+                assert size - n < size / 3, (n, size)

@@ -306,6 +306,5 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
     return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
 
 
-__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "time_decode_steps", "time_decode_step_variants",
-           "traced_host_seconds",
-           "predicted_step_seconds", "profile_toml", "ModelConfig"]
+__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "predicted_step_seconds", "profile_toml",
+           "time_decode_step_variants", "time_decode_steps", "traced_host_seconds", "ModelConfig"]
