@@ -35,7 +35,7 @@ from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import decode_bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
-from msjax.planner.profiler import (fit, measure_layer_times, predicted_step_seconds,  # noqa: E402
+from msjax.planner.profiler import (interpolate, measure_layer_times, predicted_step_seconds,  # noqa: E402
                                    time_decode_step_variants, traced_host_seconds)
 from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
 
@@ -145,9 +145,9 @@ def main():
         """T_a, T_e, T_c, T_o on one core (this process is pinned): one program call per layer, back to back, or
         with --whole-step-profile one program over every layer; at the context and page-table width of the
         timed steps (the XLA:CPU attention reads the whole table)."""
-        return fit(measure_layer_times(model, sorted(set(sizes.values())),
-                                       timed_context(args.context, args.steps, len(ms)), chain=8,
-                                       whole_step=args.whole_step_profile, max_model_len=max_model_len))
+        return interpolate(measure_layer_times(model, sorted(set(sizes.values())),
+                                               timed_context(args.context, args.steps, len(ms)), chain=8,
+                                               whole_step=args.whole_step_profile, max_model_len=max_model_len))
 
     # per run: (step s, attention busy, experts busy, T_host s, predicted s, drift)
     runs = {m: [] for m in ms}
@@ -185,8 +185,8 @@ def main():
                      "drift": " / ".join(f"{r[5]:+.0%}" for r in runs[m])})
         print(rows[-1], flush=True)
 
-    def show(name, c):
-        return f"{name}(b) = {1e3 * c.slope:.4f} ms x b + {1e3 * c.intercept:.3f} ms"
+    def show(name, c):  # the measured points the prediction interpolates between
+        return f"{name} = " + ", ".join(f"{1e3 * t:.2f}" for t in c.seconds) + " ms"
 
     c = model_cfg
     t_a, t_e, t_c, t_o = profiles[0]
@@ -207,13 +207,15 @@ def main():
              f"steps' mean context {timed_context(args.context, args.steps, len(ms))} and page-table width); "
              f"the prediction is the mean of the two profiles' and the drift column how far the after-profile's "
              f"prediction moved from the before-profile's (large: the machine's speed changed during the run); "
-             f"the first run's before-profile: "
+             f"the first run's before-profile at micro-batches {', '.join(map(str, t_a.batch))}: "
              f"{show('T_a', t_a)}, {show('T_e', t_e)}, {show('T_c', t_c)} (in-process copy), {show('T_o', t_o)} per "
-             f"micro-batch; "
+             f"micro-batch (the prediction reads them at each m's micro-batch: interpolation, not a line fitted "
+             f"through all sizes); "
              f"T_host = the engine's host work per step that no program overlaps (scheduling, inputs, dispatch, "
              f"outputs): step wall time minus the span of the attention node's program, from a profiler trace of "
-             f"{HOST_ROUNDS} more steps per m in each run. Predicted = Eq. 5 (overlapped pipeline) + m x T_o + "
-             f"T_host, from each run's own profiles (the table: the median of the runs' predictions, and each "
+             f"{HOST_ROUNDS} more steps per m in each run. Predicted = Eq. 5 (overlapped pipeline) + m x T_o (less "
+             f"the heads that overlap the expert node's last layer) + T_host, from each run's own profiles (the "
+             f"table: the median of the runs' predictions, and each "
              f"run's error). \"vs m=1\": medians; \"per run\": each run's m = 1 step over its step.")
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
     name += "" if args.layers == BALANCED.num_layers else f"-{args.layers}layers"

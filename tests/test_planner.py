@@ -335,3 +335,21 @@ def test_search_returns_every_configuration_that_meets_the_slo():
     found = search(DBRX, [CATALOG["A800"]], 150, network=NETWORK)
     assert len({(c.plan.attention_tp, c.plan.expert_tp, c.plan.attention_nodes, c.plan.micro_batches)
                 for c in found}) == len(found) > 10
+
+
+def test_measured_costs_interpolate_and_hidden_heads():
+    from msjax.planner.profiler import MeasuredCost, interpolate, predicted_step_seconds
+    cost = MeasuredCost((16.0, 32.0, 64.0), (1.0, 2.0, 5.0))
+    assert [cost(b) for b in (16, 24, 48, 64)] == [1.0, 1.5, 3.5, 5.0]  # through the points, not a fitted line
+    assert cost(8) == 0.5 and cost(80) == 6.5  # the end segments carried on
+    t_a, t_e, t_c, t_o = interpolate({"batch": [32, 16], "attention_s": [2.0, 1.0], "expert_s": [1.0, 0.5],
+                                      "transfer_s": [0.1, 0.1], "step_fixed_s": [0.3, 0.2]})
+    assert t_a(24) == 1.5 and t_o(32) == 0.3
+    # overlapped: every micro-batch's head but the last hides behind the expert node's last layer (up to its
+    # length); not overlapped: all of them count
+    one = predicted_step_seconds(t_a, t_e, 2, 32, 1, overlap=True, t_c=t_c, t_o=t_o, t_host=0.5)
+    two = predicted_step_seconds(t_a, t_e, 2, 32, 2, overlap=True, t_c=t_c, t_o=t_o, t_host=0.5)
+    assert one == pytest.approx(2.0 + 1.0 + 0.2 + 2 * 3.2 - 2.0 + 0.3 + 0.5)
+    assert two == pytest.approx(1.0 + 0.5 + 0.2 - 1.0 + 2 * 1.0 * 2 + 0.2 + 0.5)  # 2 heads, 1 hidden
+    serial = predicted_step_seconds(t_a, t_e, 2, 32, 2, overlap=False, t_c=t_c, t_o=t_o, t_host=0.5)
+    assert serial == pytest.approx(2 * 2 * (1.0 + 0.5 + 0.2) + 2 * 0.2 + 0.5)

@@ -12,6 +12,7 @@ through the model's layers, as a step does, so weights come from memory and not 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -279,19 +280,48 @@ def fit(measured: dict[str, list[float]]):
     return tuple(costs)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeasuredCost:
+    """Seconds over the micro-batch size through measured points (the paper's "profiling and interpolation"):
+    piecewise linear between them and along the end segments beyond, instead of one line through all of them,
+    which misses where a cost is not linear in the batch (small batches on a CPU)."""
+
+    batch: tuple[float, ...]  # ascending
+    seconds: tuple[float, ...]
+    source: str = "measured"
+
+    def __call__(self, tokens: float) -> float:
+        x, y = np.asarray(self.batch, float), np.asarray(self.seconds, float)
+        if len(x) == 1:
+            return float(y[0])
+        k = int(np.clip(np.searchsorted(x, tokens) - 1, 0, len(x) - 2))  # the segment holding `tokens`
+        return float(y[k] + (y[k + 1] - y[k]) * (tokens - x[k]) / (x[k + 1] - x[k]))
+
+
+def interpolate(measured: dict[str, list[float]]):
+    """Like `fit`, as `MeasuredCost`s through the measured points."""
+    order = np.argsort(measured["batch"])
+    keys = ["attention_s", "expert_s"] + [k for k in ("transfer_s", "step_fixed_s") if measured.get(k)]
+    return tuple(MeasuredCost(tuple(float(measured["batch"][i]) for i in order),
+                              tuple(float(measured[k][i]) for i in order)) for k in keys)
+
+
 def predicted_step_seconds(t_a, t_e, layers: int, batch: int, m: int, overlap: bool, t_c=None,
                            t_o=None, t_host: float = 0.0) -> float:
     """One decode step of `batch` sequences in m micro-batches with one attention and one expert node.
 
     overlap=True is the paper's pipeline (Eq. 5). overlap=False is what one process of XLA:CPU devices does:
     the two groups share the cores, so every program and copy runs after the other. t_o (per micro-batch: embed,
-    head, sampling) is added once per micro-batch in both, t_host (the engine's host work per step) once."""
+    head, sampling) is added once per micro-batch, less, with overlap, what hides behind the expert node's last
+    layer: the multi-process attention node runs each micro-batch's head right after its last receive, while the
+    experts still work on the next micro-batches. t_host (the engine's host work per step) is added once."""
     b = batch / m
     a, e = t_a(b), t_e(b)
     c = t_c(b) if t_c is not None else 0.0
-    fixed = (m * t_o(b) if t_o is not None else 0.0) + t_host
+    o = t_o(b) if t_o is not None else 0.0
     if not overlap:
-        return layers * m * (a + e + 2 * c) + fixed
+        return layers * m * (a + e + 2 * c) + m * o + t_host
+    fixed = m * o - min((m - 1) * o, e + 2 * c) + t_host  # the heads of micro-batches 0..m-2 overlap the tail
     t_f = max(a, e)
     round_trip = a + e + 2 * c
     return round_trip - t_f + max(m * t_f, round_trip) * layers + fixed
@@ -306,5 +336,6 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
     return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
 
 
-__all__ = ["fit", "measure_host_seconds", "measure_layer_times", "predicted_step_seconds", "profile_toml",
-           "time_decode_step_variants", "time_decode_steps", "traced_host_seconds", "ModelConfig"]
+__all__ = ["fit", "interpolate", "MeasuredCost", "measure_host_seconds", "measure_layer_times",
+           "predicted_step_seconds", "profile_toml", "time_decode_step_variants", "time_decode_steps",
+           "traced_host_seconds", "ModelConfig"]
