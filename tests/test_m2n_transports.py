@@ -310,3 +310,18 @@ def test_open_sender_times_out_without_receiver():
     with pytest.raises(native.M2NTimeout, match="not reachable"):
         native.Sender("tcp", [f"127.0.0.1:{port}"], 0, 1024, timeout_s=0.3)
     assert time.monotonic() - start < 3
+
+
+def test_tcp_rejected_sender_sees_an_orderly_close():
+    """A sender whose message is rejected gets the end of the stream, not a reset: the receiver stops reading but
+    keeps the socket until it closes (closing with unread bytes would reset the connection under the sender)."""
+    with native.Receiver("tcp", "127.0.0.1:0", 0, 1, 4096, depth=2, timeout_s=5) as rx:
+        host, port = rx.address.split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(struct.pack("<IIII", HELLO_MAGIC, 0, 0, 1) + raw_header(magic=0xDEADBEEF)
+                         + b"\x01" * 60000)  # unread bytes behind the bad header
+            with pytest.raises(native.M2NError, match="bad magic"):
+                rx.recv(0)
+            time.sleep(0.05)  # a reset, if one were sent, has arrived by now
+            sock.shutdown(socket.SHUT_WR)  # raises "not connected" after a reset
+            assert sock.recv(16) == b""

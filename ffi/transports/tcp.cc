@@ -162,6 +162,7 @@ class TcpReceiver : public RecvEndpoint {
   struct Conn {
     enum Phase { kHello, kHeader, kSlot, kPayload };
     int fd = -1;
+    bool open = true;  // false once dropped (the fd is closed with the endpoint)
     uint64_t index = 0;  // in conns_: its epoll tag
     Phase phase = kHello;
     Clock::time_point hello_deadline;
@@ -181,7 +182,7 @@ class TcpReceiver : public RecvEndpoint {
       bool blocked = false;
       Clock::time_point next_hello = Clock::time_point::max();
       for (auto& c : conns_) {
-        if (c->fd < 0) continue;
+        if (!c->open) continue;
         blocked |= c->phase == Conn::kSlot;
         if (c->phase == Conn::kHello) next_hello = std::min(next_hello, c->hello_deadline);
       }
@@ -192,18 +193,18 @@ class TcpReceiver : public RecvEndpoint {
         if (tag == kWakeTag) return;
         if (tag == kListenTag) {
           Accept();
-        } else if (conns_[tag]->fd >= 0) {
+        } else if (conns_[tag]->open) {
           Pump(*conns_[tag]);
         }
       }
       // a connection waiting for a slot is out of the epoll set (its pending bytes would wake it in a loop) and
       // nothing announces that the consumer freed the slot: look again
       for (auto& c : conns_) {
-        if (c->fd >= 0 && c->phase == Conn::kSlot) Pump(*c);
+        if (c->open && c->phase == Conn::kSlot) Pump(*c);
       }
       auto now = Clock::now();
       for (auto& c : conns_) {  // a connection that never says hello
-        if (c->fd >= 0 && c->phase == Conn::kHello && now >= c->hello_deadline) Drop(*c);
+        if (c->open && c->phase == Conn::kHello && now >= c->hello_deadline) Drop(*c);
       }
     }
   }
@@ -255,11 +256,12 @@ class TcpReceiver : public RecvEndpoint {
     return epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, c.fd, &ev) == 0;
   }
 
+  // Ends a connection: no more reads. The descriptor stays open until the endpoint closes: closing a socket
+  // with unread bytes sends a reset, and the peer would see "not connected" instead of our end of the stream.
   void Drop(Conn& c) {
     Watch(c, false);  // ENOENT when it waited for a slot (out of the set already): harmless
     shutdown(c.fd, SHUT_RDWR);
-    close(c.fd);
-    c.fd = -1;
+    c.open = false;
   }
 
   // Reads into `dst` what the socket has of the `want` bytes still missing. 1: all there; 0: wait for more;
@@ -284,7 +286,7 @@ class TcpReceiver : public RecvEndpoint {
 
   // Moves one connection as far as its bytes and the free slots allow.
   void Pump(Conn& c) {
-    while (c.fd >= 0) {
+    while (c.open) {
       switch (c.phase) {
         case Conn::kHello: {
           int r = ReadSome(c, &c.hello, sizeof(c.hello));
