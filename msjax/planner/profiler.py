@@ -123,8 +123,6 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
 def _whole_step_seconds(runner, h, batch, returned, orders, weights, received, repeats: int, chain: int):
     """(attention, expert) seconds per layer when one program runs every layer, each layer's input the previous
     layer's output (as in a step): attention with its combine on the attention device, the experts on theirs."""
-    import dataclasses
-
     from msjax.runtime.disaggregated import attention_step, combine_step, expert_step
     num_layers = runner.cfg.num_layers
 
@@ -218,13 +216,15 @@ def time_decode_step_variants(engine, batch: int, context: int, steps: int, vari
 def traced_host_seconds(engine, variants: dict, rounds: int = 2) -> dict:
     """T_host of the real engine: the host work of a decode step that no device overlaps (scheduling, batch
     building, moving the inputs, dispatch, output handling), as the step's wall time minus the span of the device
-    programs it ran, read from a profiler trace of `rounds` steps per variant (host events only; no Python
-    tracer, whose overhead would land on exactly this). The engine must have requests decoding. `variants` as
-    in `time_decode_step_variants`. -> {key: median seconds}."""
-    import glob
+    programs it ran (`timeline.read_executions`), read from a profiler trace of `rounds` steps per variant (no
+    Python tracer, whose overhead would land on exactly this). The engine must have requests decoding.
+    `variants` as in `time_decode_step_variants`. -> {key: median seconds}."""
     import gzip
     import json
     import tempfile
+    from pathlib import Path
+
+    from msjax.runtime.timeline import read_executions
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0
     keys = []
@@ -236,22 +236,20 @@ def traced_host_seconds(engine, variants: dict, rounds: int = 2) -> dict:
                     with jax.profiler.TraceAnnotation(f"msjax-host-probe-{len(keys)}"):
                         engine.step()
                     keys.append(key)
-        (path,) = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
-        with gzip.open(path) as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    steps = {int(e["name"].rsplit("-", 1)[1]): e for e in events if e["name"].startswith("msjax-host-probe-")}
-    runs = [e for e in events if e["name"].startswith("ThunkExecutor::Execute")]  # XLA:CPU program execution
+        (path,) = Path(folder).glob("plugins/profile/*/perfetto_trace.json.gz")
+        runs = [span for spans in read_executions(path).values() for span in spans]  # (start µs, end µs)
+        with gzip.open(path, "rt") as f:
+            data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    steps = {int(e["name"].rsplit("-", 1)[1]): e for e in events
+             if e.get("ph") == "X" and e["name"].startswith("msjax-host-probe-")}
     host = {key: [] for key in variants}
     for i, key in enumerate(keys):
         start, end = steps[i]["ts"], steps[i]["ts"] + steps[i]["dur"]
-        inside = [e for e in runs if start <= e["ts"] <= end]
+        inside = [(a, b) for a, b in runs if start <= a <= end]
         if not inside:
-            raise RuntimeError("traced_host_seconds: no XLA:CPU program execution in the trace of a step "
-                               "(only the CPU backend's events are read)")
-        # a program ends when its "(wait for completion)" event does: the events of the executors it spawned can
-        # close later (after they signalled completion)
-        ends = [e for e in inside if e["name"].endswith("(wait for completion)")] or inside
-        busy = max(e["ts"] + e["dur"] for e in ends) - min(e["ts"] for e in inside)
+            raise RuntimeError("traced_host_seconds: the trace shows no device program in a step")
+        busy = max(b for _, b in inside) - min(a for a, _ in inside)
         host[key].append((steps[i]["dur"] - busy) * 1e-6)  # the trace's times are µs
     return {key: statistics.median(t) for key, t in host.items()}
 
