@@ -325,3 +325,47 @@ def test_tcp_rejected_sender_sees_an_orderly_close():
             time.sleep(0.05)  # a reset, if one were sent, has arrived by now
             sock.shutdown(socket.SHUT_WR)  # raises "not connected" after a reset
             assert sock.recv(16) == b""
+
+
+def send_later(sock: socket.socket, data: bytes, delay_s: float = 0.1) -> threading.Thread:
+    """Writes `data` after `delay_s`, so the receive the test starts meanwhile is already waiting (reading the
+    socket itself)."""
+    thread = threading.Thread(target=lambda: (time.sleep(delay_s), sock.sendall(data)))
+    thread.start()
+    return thread
+
+
+def test_tcp_receive_withdrawn_in_the_middle_of_a_message_loses_nothing():
+    """A consumer whose message has not begun reads it itself, from the socket into its own buffer; when it gives
+    up halfway (timeout), the bytes already read move to the slot, the receiver's I/O thread reads the rest, and
+    the next receive gets the whole message."""
+    data = payload(0, 0, 0, 48000)
+    with native.Receiver("tcp", "127.0.0.1:0", 0, 1, 1 << 16, depth=2, timeout_s=5) as rx:
+        host, port = rx.address.split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(struct.pack("<IIII", HELLO_MAGIC, 0, 0, 1))
+            first = send_later(sock, raw_header(nbytes=len(data)) + data[:20000])
+            with pytest.raises(native.M2NTimeout, match="timed out waiting for sender 0"):
+                rx.recv(0, timeout_s=0.6)
+            first.join()
+            sock.sendall(data[20000:])
+            assert rx.recv(0, timeout_s=5) == data
+            # and the channel goes on: the next message, again to a waiting receive
+            second = send_later(sock, raw_header(seq=1, nbytes=5) + b"hello")
+            assert rx.recv(0, timeout_s=5) == b"hello"
+            second.join()
+
+
+def test_tcp_message_not_what_the_waiting_receive_expects_is_rejected():
+    """A message whose tags or size do not fit the receive reading it does not touch the receive's buffer: it goes
+    to the slot, and the slot path rejects it with the usual error."""
+    with native.Receiver("tcp", "127.0.0.1:0", 0, 1, 4096, depth=2, timeout_s=5) as rx:
+        host, port = rx.address.split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(struct.pack("<IIII", HELLO_MAGIC, 0, 0, 1))
+            late = send_later(sock, raw_header(layer=1, nbytes=100) + b"x" * 100)
+            out = np.zeros(10, np.uint8)
+            with pytest.raises(native.M2NError, match="exceeds the receive capacity 10"):
+                rx.recv_into(out, 0, layer=1)
+            late.join()
+            assert not out.any()

@@ -214,6 +214,13 @@ Status Mailbox::WaitWritable(uint32_t sender, uint64_t seq, Clock::time_point de
 
 void Mailbox::Publish(uint32_t sender, uint64_t seq) const { SetAndWake(control(sender, seq), 1); }
 
+Status Mailbox::TimedOut(const Expectation& expect) {
+  return Error(Code::kDeadlineExceeded,
+               "M2N receive timed out waiting for sender " + std::to_string(expect.sender) + " (layer " +
+                   std::to_string(expect.layer) + ", micro-batch " + std::to_string(expect.micro_batch) +
+                   ", seq " + std::to_string(expect.seq) + "): the sender died or never sent");
+}
+
 Status Mailbox::Receive(const Expectation& expect, void* out, uint64_t out_capacity, uint64_t* nbytes,
                         Clock::time_point deadline, const PeerCheck* peer) const {
   if (expect.sender >= geometry_.num_senders) {
@@ -224,10 +231,7 @@ Status Mailbox::Receive(const Expectation& expect, void* out, uint64_t out_capac
   Status peer_status;
   if (!WaitWhileEquals(slot_control, 0, deadline, peer, &peer_status)) {
     if (!peer_status.ok()) return peer_status;
-    return Error(Code::kDeadlineExceeded,
-                 "M2N receive timed out waiting for sender " + std::to_string(expect.sender) + " (layer " +
-                     std::to_string(expect.layer) + ", micro-batch " + std::to_string(expect.micro_batch) +
-                     ", seq " + std::to_string(expect.seq) + "): the sender died or never sent");
+    return TimedOut(expect);
   }
   MessageHeader h;
   std::memcpy(&h, header(expect.sender, expect.seq), sizeof(h));  // validate a private copy, not shared memory

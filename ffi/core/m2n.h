@@ -137,6 +137,8 @@ class Mailbox {
   // and frees the slot. `nbytes` gets the payload size.
   Status Receive(const Expectation& expect, void* out, uint64_t out_capacity, uint64_t* nbytes,
                  Clock::time_point deadline, const PeerCheck* peer) const;
+  // The error a receive that waited in vain returns.
+  static Status TimedOut(const Expectation& expect);
 
  private:
   uint8_t* base_ = nullptr;

@@ -4,10 +4,14 @@
 // of the registered region and raises the slot's flag, so the receiving side looks exactly like shared memory
 // (and like RDMA write-with-immediate) to its consumer. One thread per receiver, not one per sender: an expert
 // node may hear from many attention nodes, and a thread per connection multiplies threads past the cores.
+// A consumer that asks for a message the I/O thread has not begun reads it itself, from the socket straight into
+// its own buffer (see Take): that is one thread woken by the kernel per message, as for a plain blocking socket
+// reader, instead of the I/O thread first and the consumer after it.
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -88,10 +92,7 @@ class TcpReceiver : public RecvEndpoint {
   }
   ~TcpReceiver() override {
     stopping_ = true;
-    if (wake_fd_ >= 0) {
-      uint64_t one = 1;
-      [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
-    }
+    Kick();
     if (io_.joinable()) io_.join();
     for (auto& c : conns_) close(c->fd);
     for (int fd : {listen_fd_, epoll_fd_, wake_fd_}) {
@@ -142,10 +143,67 @@ class TcpReceiver : public RecvEndpoint {
  protected:
   const PeerCheck* peer_check(uint32_t sender) const override { return &channels_[sender]; }
 
+  // A message the I/O thread has not begun (its sender's connection idle between messages) is read here, by the
+  // consumer, straight into `out`: the connection leaves the I/O thread's epoll set meanwhile and goes back after.
+  // Two wake-ups per message (the I/O thread's, then the consumer's) cost more than the copy on a busy host, and
+  // the slot's copy goes too. Anything else (a message under way, already in its slot, or not what the receive
+  // expects) takes the slot path.
+  Status Take(const Expectation& expect, void* out, uint64_t out_capacity, uint64_t* nbytes,
+              Clock::time_point deadline, const PeerCheck* peer) override {
+    Conn* c = Borrow(expect.sender, expect.seq);
+    if (c == nullptr) return mailbox_.Receive(expect, out, out_capacity, nbytes, deadline, peer);
+    MessageHeader h{};
+    uint64_t got = 0;
+    int r = ReadUntil(c->fd, &h, sizeof(h), &got, deadline);
+    if (r <= 0) {
+      int err = errno;
+      std::lock_guard<std::mutex> lock(io_mu_);
+      if (r < 0) return Fail(*c, ClosedBefore(c->sender, c->seq, err));
+      std::memcpy(&c->header, &h, got);  // the I/O thread goes on from the bytes read so far
+      c->got = got;
+      GiveBack(*c, Conn::kHeader);
+      return Mailbox::TimedOut(expect);
+    }
+    if (Status wire = ValidateWireHeader(h, c->sender, spec_.num_peers, c->seq, spec_.capacity); !wire.ok()) {
+      std::lock_guard<std::mutex> lock(io_mu_);
+      return Fail(*c, wire);
+    }
+    Expectation bounded = expect;
+    bounded.capacity = std::min(spec_.capacity, out_capacity);
+    if (!ValidateHeader(h, bounded).ok()) {  // a well-formed message, not the one expected: the slot path says why
+      {
+        std::lock_guard<std::mutex> lock(io_mu_);
+        c->header = h;
+        c->got = 0;
+        GiveBack(*c, Conn::kSlot);
+      }
+      return mailbox_.Receive(expect, out, out_capacity, nbytes, deadline, peer);
+    }
+    got = 0;
+    r = ReadUntil(c->fd, out, h.nbytes, &got, deadline);
+    std::lock_guard<std::mutex> lock(io_mu_);
+    if (r < 0) return Fail(*c, Error(Code::kUnavailable, MidMessage(c->sender, c->seq)));
+    if (r == 0) {  // `out` is not ours once we return: what came of the payload moves to the slot (free: the
+                   // consumer is past every earlier message of this sender)
+      std::memcpy(mailbox_.payload(c->sender, c->seq), out, got);
+      c->header = h;
+      c->got = got;
+      GiveBack(*c, Conn::kPayload);
+      return Mailbox::TimedOut(expect);
+    }
+    ++c->seq;
+    c->got = 0;
+    GiveBack(*c, Conn::kHeader);
+    *nbytes = h.nbytes;
+    return Status::Ok();
+  }
+
  private:
+  struct Conn;
   struct Channel : PeerCheck {
     uint32_t sender = 0;
     std::atomic<bool> connected{false};
+    Conn* conn = nullptr;  // its connection once the hello came (io_mu_)
     mutable std::mutex mu;
     Status error;  // why the connection ended (EOF, reset, malformed header)
     Status Check() const override {
@@ -163,6 +221,7 @@ class TcpReceiver : public RecvEndpoint {
     enum Phase { kHello, kHeader, kSlot, kPayload };
     int fd = -1;
     bool open = true;  // false once dropped (the fd is closed with the endpoint)
+    bool borrowed = false;  // a consumer reads it (Take): the I/O thread leaves it alone
     uint64_t index = 0;  // in conns_: its epoll tag
     Phase phase = kHello;
     Clock::time_point hello_deadline;
@@ -181,32 +240,113 @@ class TcpReceiver : public RecvEndpoint {
     while (!stopping_) {
       bool blocked = false;
       Clock::time_point next_hello = Clock::time_point::max();
-      for (auto& c : conns_) {
-        if (!c->open) continue;
-        blocked |= c->phase == Conn::kSlot;
-        if (c->phase == Conn::kHello) next_hello = std::min(next_hello, c->hello_deadline);
+      {
+        std::lock_guard<std::mutex> lock(io_mu_);
+        for (auto& c : conns_) {
+          if (!Mine(*c)) continue;
+          blocked |= c->phase == Conn::kSlot;
+          if (c->phase == Conn::kHello) next_hello = std::min(next_hello, c->hello_deadline);
+        }
       }
       int n = Wait(events, blocked, next_hello);
       if (stopping_) return;
+      std::lock_guard<std::mutex> lock(io_mu_);  // consumers borrow and give back connections between rounds
       for (int i = 0; i < n; ++i) {
         uint64_t tag = events[i].data.u64;
-        if (tag == kWakeTag) return;
-        if (tag == kListenTag) {
+        if (tag == kWakeTag) {
+          uint64_t count;
+          [[maybe_unused]] ssize_t got = read(wake_fd_, &count, sizeof(count));
+        } else if (tag == kListenTag) {
           Accept();
-        } else if (conns_[tag]->open) {
+        } else if (Mine(*conns_[tag])) {  // (borrowed since the event came: the consumer reads it)
           Pump(*conns_[tag]);
         }
       }
       // a connection waiting for a slot is out of the epoll set (its pending bytes would wake it in a loop) and
       // nothing announces that the consumer freed the slot: look again
       for (auto& c : conns_) {
-        if (c->open && c->phase == Conn::kSlot) Pump(*c);
+        if (Mine(*c) && c->phase == Conn::kSlot) Pump(*c);
       }
       auto now = Clock::now();
       for (auto& c : conns_) {  // a connection that never says hello
-        if (c->open && c->phase == Conn::kHello && now >= c->hello_deadline) Drop(*c);
+        if (Mine(*c) && c->phase == Conn::kHello && now >= c->hello_deadline) Drop(*c);
       }
     }
+  }
+
+  bool Mine(const Conn& c) const { return c.open && !c.borrowed; }
+
+  // Wakes the I/O thread from its epoll wait.
+  void Kick() {
+    if (wake_fd_ < 0) return;
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
+  }
+
+  // The connection of `sender` for the consumer to read message `seq` itself, if it sits idle before that
+  // message's header; else null.
+  Conn* Borrow(uint32_t sender, uint64_t seq) {
+    std::lock_guard<std::mutex> lock(io_mu_);
+    Conn* c = channels_[sender].conn;
+    if (c == nullptr || !Mine(*c) || c->phase != Conn::kHeader || c->got != 0 || c->seq != seq) return nullptr;
+    if (!Watch(*c, false)) return nullptr;
+    c->borrowed = true;
+    return c;
+  }
+
+  // Hands a borrowed connection back to the I/O thread in `phase` (io_mu_ held). In kSlot it stays out of the
+  // epoll set (the loop looks at it each round): the kick makes the loop take the next round now.
+  void GiveBack(Conn& c, Conn::Phase phase) {
+    c.borrowed = false;
+    c.phase = phase;
+    if (phase == Conn::kSlot) {
+      Kick();
+    } else if (!Watch(c, true)) {
+      Fail(c, SysError("epoll_ctl"));
+    }
+  }
+
+  // Ends a connection over `status`, which every later receive from its sender reports (io_mu_ held).
+  Status Fail(Conn& c, Status status) {
+    channels_[c.sender].Fail(status);
+    c.borrowed = false;
+    Drop(c);
+    return status;
+  }
+
+  static Status ClosedBefore(uint32_t sender, uint64_t seq, int err) {
+    return Error(Code::kUnavailable, "M2N sender " + std::to_string(sender) + " closed its connection" +
+                                         (err ? std::string(" (") + std::strerror(err) + ")" : std::string()) +
+                                         " before sending message seq " + std::to_string(seq));
+  }
+  static std::string MidMessage(uint32_t sender, uint64_t seq) {
+    return "M2N sender " + std::to_string(sender) + " disconnected in the middle of message seq " +
+           std::to_string(seq);
+  }
+
+  // Reads the `want` bytes still missing into `dst` (`got` of them there already), sleeping in the kernel until
+  // they come. 1: all there; 0: the deadline passed; -1: the connection ended (errno: 0 for EOF).
+  static int ReadUntil(int fd, void* dst, uint64_t want, uint64_t* got, Clock::time_point deadline) {
+    while (*got < want) {
+      ssize_t n = recv(fd, static_cast<uint8_t*>(dst) + *got, want - *got, MSG_DONTWAIT);
+      if (n > 0) {
+        *got += static_cast<uint64_t>(n);
+        continue;
+      }
+      if (n == 0) {
+        errno = 0;
+        return -1;
+      }
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+      auto left = deadline - Clock::now();
+      if (left <= Clock::duration::zero()) return 0;
+      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+      timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+      pollfd p{fd, POLLIN | POLLRDHUP, 0};
+      if (ppoll(&p, 1, &ts, nullptr) < 0 && errno != EINTR) return -1;
+    }
+    return 1;
   }
 
   // Waits for socket events; while a connection waits for a slot, only briefly (the consumer frees slots
@@ -297,6 +437,7 @@ class TcpReceiver : public RecvEndpoint {
             return;
           }
           c.sender = c.hello.sender;
+          channels_[c.sender].conn = &c;
           c.phase = Conn::kHeader;
           c.got = 0;
           break;
@@ -305,18 +446,12 @@ class TcpReceiver : public RecvEndpoint {
           int r = ReadSome(c, &c.header, sizeof(c.header));
           if (r == 0) return;
           if (r < 0) {
-            int err = errno;
-            channels_[c.sender].Fail(Error(
-                Code::kUnavailable, "M2N sender " + std::to_string(c.sender) + " closed its connection" +
-                                        (err ? std::string(" (") + std::strerror(err) + ")" : std::string()) +
-                                        " before sending message seq " + std::to_string(c.seq)));
-            Drop(c);
+            Fail(c, ClosedBefore(c.sender, c.seq, errno));
             return;
           }
           Status status = ValidateWireHeader(c.header, c.sender, spec_.num_peers, c.seq, spec_.capacity);
           if (!status.ok()) {  // nothing of this message touches the region; the connection is dropped
-            channels_[c.sender].Fail(status);
-            Drop(c);
+            Fail(c, status);
             return;
           }
           if (mailbox_.control(c.sender, c.seq)->full.load(std::memory_order_acquire) != 0) {
@@ -332,8 +467,7 @@ class TcpReceiver : public RecvEndpoint {
         case Conn::kSlot:
           if (mailbox_.control(c.sender, c.seq)->full.load(std::memory_order_acquire) != 0) return;
           if (!Watch(c, true)) {
-            channels_[c.sender].Fail(SysError("epoll_ctl"));
-            Drop(c);
+            Fail(c, SysError("epoll_ctl"));
             return;
           }
           c.phase = Conn::kPayload;
@@ -343,10 +477,7 @@ class TcpReceiver : public RecvEndpoint {
           int r = ReadSome(c, mailbox_.payload(c.sender, c.seq), c.header.nbytes);
           if (r == 0) return;
           if (r < 0) {
-            channels_[c.sender].Fail(Error(Code::kUnavailable, "M2N sender " + std::to_string(c.sender) +
-                                                                   " disconnected in the middle of message seq " +
-                                                                   std::to_string(c.seq)));
-            Drop(c);
+            Fail(c, Error(Code::kUnavailable, MidMessage(c.sender, c.seq)));
             return;
           }
           std::memcpy(mailbox_.header(c.sender, c.seq), &c.header, sizeof(c.header));
@@ -361,6 +492,7 @@ class TcpReceiver : public RecvEndpoint {
   }
 
   std::atomic<bool> stopping_{false};
+  std::mutex io_mu_;  // the connections' state, between the I/O thread and a consumer borrowing one
   std::vector<Channel> channels_;
   void* region_ = MAP_FAILED;
   uint64_t region_bytes_ = 0;
@@ -369,7 +501,7 @@ class TcpReceiver : public RecvEndpoint {
   int wake_fd_ = -1;
   std::string address_;
   std::thread io_;
-  std::vector<std::unique_ptr<Conn>> conns_;  // only the I/O thread touches these (and the destructor after it)
+  std::vector<std::unique_ptr<Conn>> conns_;  // the I/O thread's, under io_mu_ (a borrowed one: its consumer's)
 };
 
 class TcpSender : public SendEndpoint {

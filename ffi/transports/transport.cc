@@ -26,8 +26,8 @@ Status RecvEndpoint::Recv(uint32_t sender, uint32_t layer, uint32_t micro_batch,
   }
   if (!broken_[sender].ok()) return broken_[sender];
   Expectation expect{sender, spec_.num_peers, expected_seq_[sender], layer, micro_batch, spec_.capacity};
-  Status status = mailbox_.Receive(expect, out, out_capacity, nbytes,
-                                   DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s), peer_check(sender));
+  Status status = Take(expect, out, out_capacity, nbytes, DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s),
+                       peer_check(sender));
   if (status.ok() || status.code == Code::kDataLoss) OnConsumed(sender, expected_seq_[sender]);
   if (status.ok()) {
     ++expected_seq_[sender];

@@ -61,6 +61,12 @@ class RecvEndpoint {
   explicit RecvEndpoint(EndpointSpec spec)
       : spec_(std::move(spec)), expected_seq_(spec_.num_peers, 0), broken_(spec_.num_peers) {}
   virtual const PeerCheck* peer_check(uint32_t sender) const = 0;
+  // Waits for the message `expect` describes and puts its payload in `out`: by default, copied out of its slot
+  // (tcp reads it from the socket straight into `out` when it can).
+  virtual Status Take(const Expectation& expect, void* out, uint64_t out_capacity, uint64_t* nbytes,
+                      Clock::time_point deadline, const PeerCheck* peer) {
+    return mailbox_.Receive(expect, out, out_capacity, nbytes, deadline, peer);
+  }
   // Called once the slot of (sender, seq) is free again (verbs returns a credit to the sender).
   virtual void OnConsumed(uint32_t sender, uint64_t seq) {}
   EndpointSpec spec_;
