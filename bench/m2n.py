@@ -19,6 +19,7 @@ Implementations, per transport:
     python bench/m2n.py                 # the full matrix: 1x8, 4x4, 8x8 x 4 KiB..1 MiB x {shm, tcp} x 3 impls
     python bench/m2n.py --quick         # 4 KiB and 256 KiB only, fewer rounds
     python bench/m2n.py --json out.json
+    python bench/m2n.py --repeats 5        # the matrix 5 times: medians, and the targets per repeat
 
 Workers load msjax/comm/_lib.py by path (numpy + ctypes only), so up to 16 processes start quickly.
 """
@@ -32,6 +33,7 @@ import mmap
 import multiprocessing as mp
 import os
 import socket
+import statistics
 import struct
 import sys
 import time
@@ -325,21 +327,46 @@ def run_config(transport: str, impl: str, m: int, n: int, sizes: list[int], quic
     return rows
 
 
-def summary(rows: list[dict], nbytes: int) -> list[str]:
-    """The issue's targets at `nbytes`: msjax vs bound (>= 70% throughput, p99 <= 1.5x) and vs baseline."""
+def summary(runs: list[list[dict]], nbytes: int) -> list[str]:
+    """The issue's targets at `nbytes`: msjax vs bound (>= 70% throughput, p99 <= 1.5x) and vs baseline, each
+    ratio taken within one repeat (the implementations of a shape run back to back) and given as the median over
+    the repeats with its range."""
+    def ratio(values, fmt):
+        return fmt.format(statistics.median(values)) + (
+            f" (runs {fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else "")
+
     lines = []
-    index = {(r["transport"], r["impl"], r["M"], r["N"], r["bytes"]): r for r in rows}
-    for r in rows:
+    for r in runs[0]:
         if r["impl"] != "msjax" or r["bytes"] != nbytes:
             continue
         key = (r["transport"], r["M"], r["N"], nbytes)
-        bound, base = index.get((key[0], "bound", *key[1:])), index.get((key[0], "baseline", *key[1:]))
-        if bound and base:
-            lines.append(f"- {r['transport']} {r['M']}x{r['N']} @ {nbytes >> 10} KiB: throughput "
-                         f"{r['GBps'] / bound['GBps']:.0%} of bound, p99 {r['p99_us'] / bound['p99_us']:.2f}x "
-                         f"bound's; vs baseline {r['GBps'] / base['GBps']:.2f}x throughput, "
-                         f"p99 {base['p99_us'] / r['p99_us']:.2f}x lower")
+        pairs = []
+        for rows in runs:
+            index = {(x["transport"], x["impl"], x["M"], x["N"], x["bytes"]): x for x in rows}
+            mine, bound, base = (index.get((key[0], impl, *key[1:])) for impl in ("msjax", "bound", "baseline"))
+            if mine and bound and base:
+                pairs.append((mine, bound, base))
+        if pairs:
+            lines.append(
+                f"- {r['transport']} {r['M']}x{r['N']} @ {nbytes >> 10} KiB: throughput "
+                f"{ratio([m['GBps'] / b['GBps'] for m, b, _ in pairs], '{:.0%}')} of bound, p99 "
+                f"{ratio([m['p99_us'] / b['p99_us'] for m, b, _ in pairs], '{:.2f}x')} bound's; vs baseline "
+                f"{ratio([m['GBps'] / x['GBps'] for m, _, x in pairs], '{:.2f}x')} throughput, p99 "
+                f"{ratio([x['p99_us'] / m['p99_us'] for m, _, x in pairs], '{:.2f}x')} lower")
     return lines
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """One row per (transport, impl, M, N, bytes): the median over the repeats of p50, p99 and GB/s."""
+    out = []
+    for k, first in enumerate(runs[0]):
+        same = [rows[k] for rows in runs]
+        row = dict(first)
+        for field in ("p50_us", "p99_us", "GBps"):
+            row[field] = round(statistics.median(r[field] for r in same), 3 if field == "GBps" else 1)
+        row["repeats"] = len(same)
+        out.append(row)
+    return out
 
 
 def main(argv=None) -> None:
@@ -350,20 +377,27 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", default=[f"{m}x{n}" for m, n in SHAPES])
     parser.add_argument("--json", type=Path, help="also write the rows to this file as a JSON list")
     parser.add_argument("--no-write", action="store_true", help="print only; no file under bench/results/")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole matrix this many times (each repeat runs every implementation of a "
+                             "shape back to back); rows give medians, the targets per-repeat ratios")
     args = parser.parse_args(argv)
     sizes = [4 << 10, 256 << 10] if args.quick else SIZES
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
-    rows, start, load_before = [], time.monotonic(), os.getloadavg()[0]
-    for transport in args.transports:
-        for m, n in shapes:
-            for impl in args.impls:
-                t0 = time.monotonic()
-                new = run_config(transport, impl, m, n, sizes, args.quick)
-                rows += new
-                print(f"{transport:4s} {impl:8s} {m}x{n}: " + ", ".join(
-                    f"{r['bytes'] >> 10}K p50 {r['p50_us']:.0f}us p99 {r['p99_us']:.0f}us {r['GBps']:.2f}GB/s"
-                    for r in new) + f"  ({time.monotonic() - t0:.1f}s)", flush=True)
-    ratios = summary(rows, 256 << 10)
+    runs, start, load_before = [], time.monotonic(), os.getloadavg()[0]
+    for _ in range(args.repeats):
+        rows = []
+        for transport in args.transports:
+            for m, n in shapes:
+                for impl in args.impls:
+                    t0 = time.monotonic()
+                    new = run_config(transport, impl, m, n, sizes, args.quick)
+                    rows += new
+                    print(f"{transport:4s} {impl:8s} {m}x{n}: " + ", ".join(
+                        f"{r['bytes'] >> 10}K p50 {r['p50_us']:.0f}us p99 {r['p99_us']:.0f}us {r['GBps']:.2f}GB/s"
+                        for r in new) + f"  ({time.monotonic() - t0:.1f}s)", flush=True)
+        runs.append(rows)
+    rows = median_rows(runs)
+    ratios = summary(runs, 256 << 10)
     print("\n".join(ratios))
     print(f"total {time.monotonic() - start:.0f}s")
     if args.json:
@@ -381,7 +415,9 @@ def main(argv=None) -> None:
             f"{os.getloadavg()[0]:.1f} after, this run's processes included), so waits include scheduler "
             f"delays; 8x8 numbers mostly "
             f"measure the scheduler. p99 over {rounds_for(1 << 20, args.quick)}-{rounds_for(4096, args.quick)} "
-            f"rounds per size is close to the maximum.",
+            f"rounds per size is close to the maximum. The matrix ran {args.repeats} time(s), every "
+            f"implementation of a shape back to back; the table gives the median over the repeats, the targets "
+            f"below the median (and range) of the ratios taken within each repeat.",
             "",
             "msjax: the native library driven from Python through its ctypes binding (one call per message, "
             "~2 µs each; slot ring depth 2), not through the in-program FFI custom calls. bound: shm = memcpy "
@@ -391,7 +427,8 @@ def main(argv=None) -> None:
             "", "Targets at 256 KiB (issue 5: >= 70% of bound's throughput, p99 <= 1.5x bound's, better than "
             "baseline):", "", *ratios])
         columns = [("transport", "transport"), ("impl", "impl"), ("M", "M"), ("N", "N"), ("bytes", "bytes"),
-                   ("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("GBps", "GB/s"), ("rounds", "rounds")]
+                   ("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("GBps", "GB/s"), ("rounds", "rounds"),
+                   ("repeats", "repeats")]
         print("wrote", write_results("m2n", rows, columns, notes))
 
 
