@@ -7,7 +7,9 @@ the timed window. GBps = M * N * bytes / p50 latency.
 
 Implementations, per transport:
   msjax    the native M2N library (ffi/) through msjax.comm's ctypes layer: shm (slots + futex completion flags)
-           or tcp (header + valid bytes, receiver thread fills the registered slots).
+           or tcp (header + valid bytes; the receive reads the messages that have not begun straight from the
+           sockets, a receiver thread takes the rest into the registered slots); one receive call per round for
+           all of a receiver's senders (recv_all).
   bound    what the transport can do at best from Python: shm = one memcpy into a shared segment + a flag store,
            one memcpy out (multiprocessing.shared_memory, spinning with sched_yield); tcp = raw sockets,
            sendall / recv_into of the payload only (TCP_NODELAY). What perftest is to RDMA in the paper.
@@ -71,16 +73,16 @@ class MsjaxReceiver:
         address = cfg["name"] if cfg["transport"] == "shm" else "127.0.0.1:0"
         self.rx = self.lib.Receiver(cfg["transport"], address, j, cfg["M"], cfg["cap"], depth=2, timeout_s=60)
         self.out = [np.empty(cfg["cap"], np.uint8) for _ in range(cfg["M"])]
-        self.addresses, self.cfg_cap = [o.ctypes.data for o in self.out], cfg["cap"]  # the binding's raw fast path
+        # one receive for every sender (as the runtime's programs take a round), through the binding's raw path
+        self.batch = self.lib.RecvAllBatch(list(range(cfg["M"])), [o.ctypes.data for o in self.out],
+                                           [cfg["cap"]] * cfg["M"])
         self.address = cfg["name"] if cfg["transport"] == "shm" else self.rx.address
 
     def connect(self, addresses):
         pass
 
     def round(self, r, nbytes):
-        recv, cap = self.rx.recv_raw, self.cfg_cap
-        for s, address in enumerate(self.addresses):
-            recv(s, address, cap, layer=r)
+        self.rx.recv_all_raw(self.batch, layer=r)
 
 
 class MsjaxSender:
@@ -419,8 +421,9 @@ def main(argv=None) -> None:
             f"implementation of a shape back to back; the table gives the median over the repeats, the targets "
             f"below the median (and range) of the ratios taken within each repeat.",
             "",
-            "msjax: the native library driven from Python through its ctypes binding (one call per message, "
-            "~2 µs each; slot ring depth 2), not through the in-program FFI custom calls. bound: shm = memcpy "
+            "msjax: the native library driven from Python through its ctypes binding (one send call per message, "
+            "~2 µs each, and one receive call per round for all of a receiver's senders; slot ring depth 2), not "
+            "through the in-program FFI custom calls. bound: shm = memcpy "
             "into a shared segment + flag store, memcpy out (numpy, polling with sched_yield); tcp = raw sockets "
             "(sendall / recv_into, payload only). baseline: multiprocessing.connection (stdlib; AF_UNIX for shm, "
             "AF_INET for tcp) — torch/gloo and MPI are not installed, ZeroMQ would be a new dependency.",

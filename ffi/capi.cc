@@ -138,6 +138,17 @@ int m2n_recv(int64_t handle, uint32_t sender, uint32_t layer, uint32_t micro_bat
                 err_len);
 }
 
+int m2n_recv_all(int64_t handle, const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
+                 void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s, char* err,
+                 size_t err_len) {
+  auto entry = Find(handle);
+  if (entry == nullptr || entry->receiver == nullptr) return Report(BadHandle(handle, "receiver"), err, err_len);
+  std::lock_guard<std::mutex> lock(entry->mu);
+  if (entry->receiver == nullptr) return Report(BadHandle(handle, "receiver"), err, err_len);
+  return Report(entry->receiver->RecvAll(senders, count, layer, micro_batch, outs, capacities, nbytes, timeout_s),
+                err, err_len);
+}
+
 int m2n_validate_header(const void* bytes, size_t n, uint32_t sender, uint32_t num_senders, uint64_t seq,
                         uint32_t layer, uint32_t micro_batch, uint64_t capacity, char* err, size_t err_len) {
   if (n < sizeof(MessageHeader)) {

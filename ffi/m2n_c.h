@@ -23,6 +23,12 @@ int m2n_send(int64_t handle, uint32_t receiver, uint32_t layer, uint32_t micro_b
              uint64_t nbytes, double timeout_s, char* err, size_t err_len);
 int m2n_recv(int64_t handle, uint32_t sender, uint32_t layer, uint32_t micro_batch, void* out,
              uint64_t out_capacity, uint64_t* nbytes, double timeout_s, char* err, size_t err_len);
+// One message from each of `count` distinct senders (an M2N round's share of one receiver), taken as they come:
+// senders[k]'s payload into outs[k] (capacities[k] bytes), its size into nbytes[k]. Errors as m2n_recv's: the
+// first failing sender's in the order given.
+int m2n_recv_all(int64_t handle, const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
+                 void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s, char* err,
+                 size_t err_len);
 // The header parser on its own: `bytes` (n of them) checked as the next message from `sender`.
 int m2n_validate_header(const void* bytes, size_t n, uint32_t sender, uint32_t num_senders, uint64_t seq,
                         uint32_t layer, uint32_t micro_batch, uint64_t capacity, char* err, size_t err_len);

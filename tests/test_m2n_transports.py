@@ -369,3 +369,71 @@ def test_tcp_message_not_what_the_waiting_receive_expects_is_rejected():
                 rx.recv_into(out, 0, layer=1)
             late.join()
             assert not out.any()
+
+
+def test_receive_from_every_sender_at_once(net):
+    """An M2N round's share of one receiver: one message from each sender, whatever order they come in."""
+    rx = net.receiver(num_senders=3, capacity=8192)
+    senders = [net.sender(index=i, capacity=8192) for i in range(3)]
+    outs = [np.zeros(8192, np.uint8) for _ in range(3)]
+    for layer in range(3):
+        for i in reversed(range(3)):
+            senders[i].send(0, payload(i, 0, layer, 1000 * (i + 1) + layer), layer=layer, micro_batch=1)
+        sizes = rx.recv_all(outs, [2, 0, 1], layer=layer, micro_batch=1)
+        assert [outs[k][:n].tobytes() for k, n in enumerate(sizes)] == [
+            payload(i, 0, layer, 1000 * (i + 1) + layer) for i in (2, 0, 1)]
+    with pytest.raises(native.M2NError, match="sender 1 named twice"):
+        rx.recv_all(outs[:2], [1, 1])
+    with pytest.raises(native.M2NError, match="sender 3 out of range"):
+        rx.recv_all(outs[:1], [3])
+    with pytest.raises(ValueError, match="one output per sender"):
+        rx.recv_all(outs, [0, 1])
+    for s in senders:
+        s.close()
+
+
+def test_receive_from_every_sender_gets_what_came_when_one_is_missing(net):
+    """One sender never sends: the receive times out naming it, the others' messages are consumed, and the late
+    one is there for the next receive."""
+    rx = net.receiver(num_senders=2, capacity=4096)
+    senders = [net.sender(index=i, capacity=4096) for i in range(2)]
+    senders[0].send(0, b"first", layer=4)
+    outs = [np.zeros(4096, np.uint8) for _ in range(2)]
+    with pytest.raises(native.M2NTimeout, match="waiting for sender 1"):
+        rx.recv_all(outs, [0, 1], layer=4, timeout_s=0.3)
+    senders[1].send(0, b"late", layer=4)
+    senders[0].send(0, b"second", layer=5)
+    assert rx.recv(1, layer=4) == b"late"
+    assert rx.recv(0, layer=5) == b"second"  # sender 0's layer-4 message was consumed by the failed receive
+    for s in senders:
+        s.close()
+
+
+def test_tcp_receive_from_every_sender_reads_them_as_they_come():
+    """The senders' messages come in reverse order, each after the receive has started: every one is read inline,
+    straight into its buffer, and the tags of each are checked against the receive's."""
+    with native.Receiver("tcp", "127.0.0.1:0", 0, 3, 1 << 16, depth=2, timeout_s=5) as rx:
+        host, port = rx.address.split(":")
+        socks = [socket.create_connection((host, int(port))) for _ in range(3)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.sendall(struct.pack("<IIII", HELLO_MAGIC, i, 0, 1))
+            data = [payload(i, 0, 0, 20000 + i) for i in range(3)]
+            late = [send_later(socks[i], raw_header(sender=i, layer=2, nbytes=len(data[i])) + data[i],
+                               delay_s=0.05 * (3 - i)) for i in range(3)]
+            outs = [np.zeros(1 << 16, np.uint8) for _ in range(3)]
+            sizes = rx.recv_all(outs, [0, 1, 2], layer=2)
+            assert [outs[i][:n].tobytes() for i, n in enumerate(sizes)] == data
+            for thread in late:
+                thread.join()
+            # a message whose tags are not the receive's is rejected for its sender alone
+            late = [send_later(socks[i], raw_header(sender=i, seq=1, layer=3 if i != 1 else 9, nbytes=4) + b"abcd")
+                    for i in range(3)]
+            with pytest.raises(native.M2NError, match="expected layer 3 micro-batch 0 from sender 1"):
+                rx.recv_all(outs, [0, 1, 2], layer=3)
+            for thread in late:
+                thread.join()
+            assert [o[:4].tobytes() for o in (outs[0], outs[2])] == [b"abcd", b"abcd"]
+        finally:
+            for sock in socks:
+                sock.close()

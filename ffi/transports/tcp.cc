@@ -5,8 +5,9 @@
 // (and like RDMA write-with-immediate) to its consumer. One thread per receiver, not one per sender: an expert
 // node may hear from many attention nodes, and a thread per connection multiplies threads past the cores.
 // A consumer that asks for a message the I/O thread has not begun reads it itself, from the socket straight into
-// its own buffer (see Take): that is one thread woken by the kernel per message, as for a plain blocking socket
-// reader, instead of the I/O thread first and the consumer after it.
+// its own buffer (TakeAll; a receive for several senders reads every such message, whichever comes first): one
+// thread woken by the kernel per message, as for a plain blocking socket reader, instead of the I/O thread first
+// and the consumer after it.
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -63,25 +64,6 @@ Status ParseAddress(const std::string& address, sockaddr_in* out) {
   out->sin_port = htons(static_cast<uint16_t>(port));
   freeaddrinfo(result);
   return Status::Ok();
-}
-
-// Reads exactly n bytes; false on EOF or error (errno tells which, 0 for EOF).
-bool ReadAll(int fd, void* data, size_t n) {
-  auto* p = static_cast<uint8_t*>(data);
-  while (n > 0) {
-    ssize_t got = recv(fd, p, n, 0);
-    if (got == 0) {
-      errno = 0;
-      return false;
-    }
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    p += got;
-    n -= static_cast<size_t>(got);
-  }
-  return true;
 }
 
 class TcpReceiver : public RecvEndpoint {
@@ -143,59 +125,42 @@ class TcpReceiver : public RecvEndpoint {
  protected:
   const PeerCheck* peer_check(uint32_t sender) const override { return &channels_[sender]; }
 
-  // A message the I/O thread has not begun (its sender's connection idle between messages) is read here, by the
-  // consumer, straight into `out`: the connection leaves the I/O thread's epoll set meanwhile and goes back after.
-  // Two wake-ups per message (the I/O thread's, then the consumer's) cost more than the copy on a busy host, and
-  // the slot's copy goes too. Anything else (a message under way, already in its slot, or not what the receive
-  // expects) takes the slot path.
-  Status Take(const Expectation& expect, void* out, uint64_t out_capacity, uint64_t* nbytes,
-              Clock::time_point deadline, const PeerCheck* peer) override {
-    Conn* c = Borrow(expect.sender, expect.seq);
-    if (c == nullptr) return mailbox_.Receive(expect, out, out_capacity, nbytes, deadline, peer);
-    MessageHeader h{};
-    uint64_t got = 0;
-    int r = ReadUntil(c->fd, &h, sizeof(h), &got, deadline);
-    if (r <= 0) {
-      int err = errno;
+  // The messages the I/O thread has not begun (their senders' connections idle between messages) are read here,
+  // by the consumer, straight into its buffers, whichever comes first: those connections leave the I/O thread's
+  // epoll set meanwhile and go back after. A message the I/O thread handles costs two wake-ups (the I/O
+  // thread's, then the consumer's on the slot flag) and a copy out of the slot; on a busy host the wake-ups cost
+  // more than the copy. Anything else (a message under way, already in its slot, or not what the receive
+  // expects) takes the slot path, after the inline reads.
+  void TakeAll(const std::vector<Expectation>& expects, void* const* outs, const uint64_t* capacities,
+               uint64_t* nbytes, Clock::time_point deadline, Status* statuses) override {
+    std::vector<Inline> reads;
+    std::vector<size_t> slotted;  // messages k to take from their slots
+    {
       std::lock_guard<std::mutex> lock(io_mu_);
-      if (r < 0) return Fail(*c, ClosedBefore(c->sender, c->seq, err));
-      std::memcpy(&c->header, &h, got);  // the I/O thread goes on from the bytes read so far
-      c->got = got;
-      GiveBack(*c, Conn::kHeader);
-      return Mailbox::TimedOut(expect);
-    }
-    if (Status wire = ValidateWireHeader(h, c->sender, spec_.num_peers, c->seq, spec_.capacity); !wire.ok()) {
-      std::lock_guard<std::mutex> lock(io_mu_);
-      return Fail(*c, wire);
-    }
-    Expectation bounded = expect;
-    bounded.capacity = std::min(spec_.capacity, out_capacity);
-    if (!ValidateHeader(h, bounded).ok()) {  // a well-formed message, not the one expected: the slot path says why
-      {
-        std::lock_guard<std::mutex> lock(io_mu_);
-        c->header = h;
-        c->got = 0;
-        GiveBack(*c, Conn::kSlot);
+      for (size_t k = 0; k < expects.size(); ++k) {
+        Conn* c = Borrow(expects[k].sender, expects[k].seq);
+        if (c == nullptr) {
+          slotted.push_back(k);
+        } else {
+          reads.emplace_back(c, k);
+        }
       }
-      return mailbox_.Receive(expect, out, out_capacity, nbytes, deadline, peer);
     }
-    got = 0;
-    r = ReadUntil(c->fd, out, h.nbytes, &got, deadline);
-    std::lock_guard<std::mutex> lock(io_mu_);
-    if (r < 0) return Fail(*c, Error(Code::kUnavailable, MidMessage(c->sender, c->seq)));
-    if (r == 0) {  // `out` is not ours once we return: what came of the payload moves to the slot (free: the
-                   // consumer is past every earlier message of this sender)
-      std::memcpy(mailbox_.payload(c->sender, c->seq), out, got);
-      c->header = h;
-      c->got = got;
-      GiveBack(*c, Conn::kPayload);
-      return Mailbox::TimedOut(expect);
+    ReadInline(reads, expects, outs, capacities, deadline);
+    {
+      std::lock_guard<std::mutex> lock(io_mu_);
+      for (Inline& r : reads) {
+        if (!Settle(r, expects[r.k], outs[r.k], &nbytes[r.k], &statuses[r.k])) slotted.push_back(r.k);
+      }
     }
-    ++c->seq;
-    c->got = 0;
-    GiveBack(*c, Conn::kHeader);
-    *nbytes = h.nbytes;
-    return Status::Ok();
+    std::sort(slotted.begin(), slotted.end());
+    for (size_t i = 0; i < slotted.size(); ++i) {
+      size_t k = slotted[i];
+      statuses[k] = mailbox_.Receive(expects[k], outs[k], capacities[k], &nbytes[k], deadline,
+                                     peer_check(expects[k].sender));
+      if (statuses[k].ok()) continue;
+      for (++i; i < slotted.size(); ++i) statuses[slotted[i]] = NotTaken(expects[slotted[i]]);
+    }
   }
 
  private:
@@ -230,6 +195,21 @@ class TcpReceiver : public RecvEndpoint {
     uint32_t sender = 0;
     uint64_t seq = 0;
     uint64_t got = 0;  // bytes of the current part read so far
+  };
+  // One message a consumer reads itself (TakeAll).
+  struct Inline {
+    Inline(Conn* conn, size_t index) : c(conn), k(index) {}
+    Conn* c;
+    size_t k;  // its index in the receive
+    MessageHeader h{};
+    uint64_t header_got = 0;
+    uint64_t payload_got = 0;
+    // kDone: all of it in the consumer's buffer; kEnded: the connection ended (err); kRejected: the header
+    // failed the wire checks (status); kElsewhere: well-formed but not what the receive expects (the slot path
+    // says why); kReading: the deadline passed first
+    enum State { kReading, kDone, kEnded, kRejected, kElsewhere } state = kReading;
+    int err = 0;
+    Status status;
   };
   // epoll user data: a connection's index in conns_, or one of these
   static constexpr uint64_t kListenTag = ~uint64_t{0};
@@ -284,9 +264,8 @@ class TcpReceiver : public RecvEndpoint {
   }
 
   // The connection of `sender` for the consumer to read message `seq` itself, if it sits idle before that
-  // message's header; else null.
+  // message's header; else null (io_mu_ held).
   Conn* Borrow(uint32_t sender, uint64_t seq) {
-    std::lock_guard<std::mutex> lock(io_mu_);
     Conn* c = channels_[sender].conn;
     if (c == nullptr || !Mine(*c) || c->phase != Conn::kHeader || c->got != 0 || c->seq != seq) return nullptr;
     if (!Watch(*c, false)) return nullptr;
@@ -324,9 +303,103 @@ class TcpReceiver : public RecvEndpoint {
            std::to_string(seq);
   }
 
-  // Reads the `want` bytes still missing into `dst` (`got` of them there already), sleeping in the kernel until
-  // they come. 1: all there; 0: the deadline passed; -1: the connection ended (errno: 0 for EOF).
-  static int ReadUntil(int fd, void* dst, uint64_t want, uint64_t* got, Clock::time_point deadline) {
+  // Reads every message of `reads` as its bytes come (non-blocking reads, then sleeping in ppoll on all of their
+  // sockets), until each is done or failed, or the deadline passes.
+  void ReadInline(std::vector<Inline>& reads, const std::vector<Expectation>& expects, void* const* outs,
+                  const uint64_t* capacities, Clock::time_point deadline) {
+    std::vector<pollfd> waiting;
+    while (true) {
+      waiting.clear();
+      for (Inline& r : reads) {
+        if (r.state != Inline::kReading) continue;
+        Advance(r, expects[r.k], static_cast<uint8_t*>(outs[r.k]), capacities[r.k]);
+        if (r.state == Inline::kReading) waiting.push_back(pollfd{r.c->fd, POLLIN | POLLRDHUP, 0});
+      }
+      if (waiting.empty()) return;
+      auto left = deadline - Clock::now();
+      if (left <= Clock::duration::zero()) return;
+      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+      timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+      ppoll(waiting.data(), waiting.size(), &ts, nullptr);  // EINTR or an error: the reads say what happened
+    }
+  }
+
+  // Reads what the socket has of one message: its header (checked as the I/O thread checks it, then against
+  // what the receive expects) and its payload into `out`.
+  void Advance(Inline& r, const Expectation& expect, uint8_t* out, uint64_t capacity) {
+    if (r.header_got < sizeof(r.h)) {
+      int got = RecvSome(r.c->fd, &r.h, sizeof(r.h), &r.header_got);
+      if (got < 0) {
+        r.state = Inline::kEnded;
+        r.err = errno;
+      }
+      if (got <= 0) return;
+      r.status = ValidateWireHeader(r.h, r.c->sender, spec_.num_peers, r.c->seq, spec_.capacity);
+      if (!r.status.ok()) {
+        r.state = Inline::kRejected;
+        return;
+      }
+      Expectation bounded = expect;
+      bounded.capacity = std::min(spec_.capacity, capacity);
+      if (!ValidateHeader(r.h, bounded).ok()) {
+        r.state = Inline::kElsewhere;
+        return;
+      }
+    }
+    int got = RecvSome(r.c->fd, out, r.h.nbytes, &r.payload_got);
+    if (got < 0) {
+      r.state = Inline::kEnded;
+      r.err = errno;
+    } else if (got > 0) {
+      r.state = Inline::kDone;
+    }
+  }
+
+  // Gives a connection read inline back to the I/O thread, with whatever of its message it did not finish
+  // (io_mu_ held). False: the message is for the slot path.
+  bool Settle(Inline& r, const Expectation& expect, void* out, uint64_t* nbytes, Status* status) {
+    Conn& c = *r.c;
+    switch (r.state) {
+      case Inline::kDone:
+        ++c.seq;
+        c.got = 0;
+        GiveBack(c, Conn::kHeader);
+        *nbytes = r.h.nbytes;
+        return true;
+      case Inline::kEnded:
+        *status = Fail(c, r.header_got < sizeof(r.h) ? ClosedBefore(c.sender, c.seq, r.err)
+                                                     : Error(Code::kUnavailable, MidMessage(c.sender, c.seq)));
+        return true;
+      case Inline::kRejected:
+        *status = Fail(c, r.status);
+        return true;
+      case Inline::kElsewhere:
+        c.header = r.h;
+        c.got = 0;
+        GiveBack(c, Conn::kSlot);
+        return false;
+      case Inline::kReading:
+        break;
+    }
+    // The deadline passed. `out` is not ours once we return: what came of the payload moves to the slot (free:
+    // the consumer is past every earlier message of this sender), and the I/O thread goes on from there.
+    if (r.header_got < sizeof(r.h)) {
+      std::memcpy(&c.header, &r.h, r.header_got);
+      c.got = r.header_got;
+      GiveBack(c, Conn::kHeader);
+    } else {
+      std::memcpy(mailbox_.payload(c.sender, c.seq), out, r.payload_got);
+      c.header = r.h;
+      c.got = r.payload_got;
+      GiveBack(c, Conn::kPayload);
+    }
+    *status = Mailbox::TimedOut(expect);
+    return true;
+  }
+
+  // Reads into `dst` what the socket has of the `want` bytes (`got` of them there already). 1: all there;
+  // 0: wait for more; -1: the connection ended (errno: 0 for EOF).
+  static int RecvSome(int fd, void* dst, uint64_t want, uint64_t* got) {
     while (*got < want) {
       ssize_t n = recv(fd, static_cast<uint8_t*>(dst) + *got, want - *got, MSG_DONTWAIT);
       if (n > 0) {
@@ -338,13 +411,8 @@ class TcpReceiver : public RecvEndpoint {
         return -1;
       }
       if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-      auto left = deadline - Clock::now();
-      if (left <= Clock::duration::zero()) return 0;
-      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
-      timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
-      pollfd p{fd, POLLIN | POLLRDHUP, 0};
-      if (ppoll(&p, 1, &ts, nullptr) < 0 && errno != EINTR) return -1;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+      return -1;
     }
     return 1;
   }
@@ -404,25 +472,8 @@ class TcpReceiver : public RecvEndpoint {
     c.open = false;
   }
 
-  // Reads into `dst` what the socket has of the `want` bytes still missing. 1: all there; 0: wait for more;
-  // -1: the connection ended (errno: 0 for EOF).
-  int ReadSome(Conn& c, void* dst, uint64_t want) {
-    while (c.got < want) {
-      ssize_t n = recv(c.fd, static_cast<uint8_t*>(dst) + c.got, want - c.got, 0);
-      if (n > 0) {
-        c.got += static_cast<uint64_t>(n);
-        continue;
-      }
-      if (n == 0) {
-        errno = 0;
-        return -1;
-      }
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
-      return -1;
-    }
-    return 1;
-  }
+  // The I/O thread's reads: RecvSome with the connection's count.
+  int ReadSome(Conn& c, void* dst, uint64_t want) { return RecvSome(c.fd, dst, want, &c.got); }
 
   // Moves one connection as far as its bytes and the free slots allow.
   void Pump(Conn& c) {

@@ -20,22 +20,61 @@ Status SendEndpoint::Send(uint32_t receiver, uint32_t layer, uint32_t micro_batc
 
 Status RecvEndpoint::Recv(uint32_t sender, uint32_t layer, uint32_t micro_batch, void* out, uint64_t out_capacity,
                           uint64_t* nbytes, double timeout_s) {
-  if (sender >= spec_.num_peers) {
-    return Error(Code::kInvalidArgument, "sender " + std::to_string(sender) + " out of range [0, " +
-                                             std::to_string(spec_.num_peers) + ")");
+  return RecvAll(&sender, 1, layer, micro_batch, &out, &out_capacity, nbytes, timeout_s);
+}
+
+Status RecvEndpoint::RecvAll(const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
+                             void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s) {
+  std::vector<bool> seen(spec_.num_peers, false);
+  std::vector<Expectation> expects;
+  expects.reserve(count);
+  for (uint32_t k = 0; k < count; ++k) {
+    uint32_t sender = senders[k];
+    if (sender >= spec_.num_peers) {
+      return Error(Code::kInvalidArgument, "sender " + std::to_string(sender) + " out of range [0, " +
+                                               std::to_string(spec_.num_peers) + ")");
+    }
+    if (seen[sender]) {
+      return Error(Code::kInvalidArgument, "sender " + std::to_string(sender) + " named twice in one receive");
+    }
+    seen[sender] = true;
+    if (!broken_[sender].ok()) return broken_[sender];
+    expects.push_back({sender, spec_.num_peers, expected_seq_[sender], layer, micro_batch, spec_.capacity});
   }
-  if (!broken_[sender].ok()) return broken_[sender];
-  Expectation expect{sender, spec_.num_peers, expected_seq_[sender], layer, micro_batch, spec_.capacity};
-  Status status = Take(expect, out, out_capacity, nbytes, DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s),
-                       peer_check(sender));
-  if (status.ok() || status.code == Code::kDataLoss) OnConsumed(sender, expected_seq_[sender]);
-  if (status.ok()) {
-    ++expected_seq_[sender];
-  } else if (status.code == Code::kDataLoss) {
-    broken_[sender] = Error(status.code, "channel from sender " + std::to_string(sender) +
-                                             " is broken: " + status.message);
+  std::vector<Status> statuses(count);
+  TakeAll(expects, outs, capacities, nbytes, DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s),
+          statuses.data());
+  Status first;
+  for (uint32_t k = 0; k < count; ++k) {
+    uint32_t sender = senders[k];
+    Status& status = statuses[k];
+    if (status.ok() || status.code == Code::kDataLoss) OnConsumed(sender, expected_seq_[sender]);
+    if (status.ok()) {
+      ++expected_seq_[sender];
+    } else if (status.code == Code::kDataLoss) {
+      broken_[sender] = Error(status.code, "channel from sender " + std::to_string(sender) +
+                                               " is broken: " + status.message);
+    }
+    if (first.ok() && !status.ok()) first = status;
   }
-  return status;
+  return first;
+}
+
+void RecvEndpoint::TakeAll(const std::vector<Expectation>& expects, void* const* outs, const uint64_t* capacities,
+                           uint64_t* nbytes, Clock::time_point deadline, Status* statuses) {
+  size_t k = 0;
+  for (; k < expects.size(); ++k) {
+    statuses[k] = mailbox_.Receive(expects[k], outs[k], capacities[k], &nbytes[k], deadline,
+                                   peer_check(expects[k].sender));
+    if (!statuses[k].ok()) break;
+  }
+  for (++k; k < expects.size(); ++k) statuses[k] = NotTaken(expects[k]);
+}
+
+Status RecvEndpoint::NotTaken(const Expectation& expect) {
+  return Error(Code::kDeadlineExceeded, "message seq " + std::to_string(expect.seq) + " from sender " +
+                                            std::to_string(expect.sender) +
+                                            " not taken: another message of the same receive failed first");
 }
 
 Status OpenSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out) {

@@ -51,6 +51,13 @@ class RecvEndpoint {
   // receive from that sender fail with the first error.
   Status Recv(uint32_t sender, uint32_t layer, uint32_t micro_batch, void* out, uint64_t out_capacity,
               uint64_t* nbytes, double timeout_s = -1);
+  // The next message of each of `count` distinct senders, all tagged (layer, micro_batch): sender senders[k]'s
+  // payload into outs[k] (at most capacities[k] bytes), its size into nbytes[k]. What an M2N round asks of a
+  // receiver: the messages are taken as they come, not in sender order (tcp reads every one that has not begun
+  // straight from its socket, whichever is first). Errors as for Recv; the first failing sender's (in the
+  // order given) is returned, and the messages that did arrive are consumed.
+  Status RecvAll(const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch, void* const* outs,
+                 const uint64_t* capacities, uint64_t* nbytes, double timeout_s = -1);
   virtual std::string address() const = 0;
   uint32_t index() const { return spec_.index; }
   uint32_t num_senders() const { return spec_.num_peers; }
@@ -61,12 +68,13 @@ class RecvEndpoint {
   explicit RecvEndpoint(EndpointSpec spec)
       : spec_(std::move(spec)), expected_seq_(spec_.num_peers, 0), broken_(spec_.num_peers) {}
   virtual const PeerCheck* peer_check(uint32_t sender) const = 0;
-  // Waits for the message `expect` describes and puts its payload in `out`: by default, copied out of its slot
-  // (tcp reads it from the socket straight into `out` when it can).
-  virtual Status Take(const Expectation& expect, void* out, uint64_t out_capacity, uint64_t* nbytes,
-                      Clock::time_point deadline, const PeerCheck* peer) {
-    return mailbox_.Receive(expect, out, out_capacity, nbytes, deadline, peer);
-  }
+  // Waits for the messages `expects` describe and puts message k's payload in outs[k], its status in
+  // statuses[k] (all OK on entry). By default one after another, each copied out of its slot, stopping at the
+  // first failure (the rest keep a "not taken" error and stay unconsumed); tcp reads those that have not begun
+  // from their sockets, straight into `outs`, in the order they come.
+  virtual void TakeAll(const std::vector<Expectation>& expects, void* const* outs, const uint64_t* capacities,
+                       uint64_t* nbytes, Clock::time_point deadline, Status* statuses);
+  static Status NotTaken(const Expectation& expect);
   // Called once the slot of (sender, seq) is free again (verbs returns a credit to the sender).
   virtual void OnConsumed(uint32_t sender, uint64_t seq) {}
   EndpointSpec spec_;

@@ -85,6 +85,9 @@ def library() -> ctypes.CDLL:
                                  c.c_double, *err]
         lib.m2n_recv.argtypes = [c.c_int64, c.c_uint32, c.c_uint32, c.c_uint32, c.c_void_p, c.c_uint64,
                                  c.POINTER(c.c_uint64), c.c_double, *err]
+        lib.m2n_recv_all.argtypes = [c.c_int64, c.POINTER(c.c_uint32), c.c_uint32, c.c_uint32, c.c_uint32,
+                                     c.POINTER(c.c_void_p), c.POINTER(c.c_uint64), c.POINTER(c.c_uint64), c.c_double,
+                                     *err]
         lib.m2n_validate_header.argtypes = [c.c_void_p, c.c_size_t, c.c_uint32, c.c_uint32, c.c_uint64, c.c_uint32,
                                             c.c_uint32, c.c_uint64, *err]
         lib.m2n_debug_inject.argtypes = [c.c_int64, c.c_uint32, c.c_uint64, c.c_void_p, c.c_size_t, *err]
@@ -181,6 +184,19 @@ class Sender(_Endpoint):
             _check(rc, self._err)
 
 
+class RecvAllBatch:
+    """The C arrays of a `Receiver.recv_all_raw` call: senders, output addresses and capacities (kept alive by
+    whoever holds the batch, as the buffers must be), and the byte counts it fills."""
+
+    def __init__(self, senders: list[int], addresses: list[int], capacities: list[int]):
+        n = len(senders)
+        self.count = n
+        self.senders = (ctypes.c_uint32 * n)(*senders)
+        self.outs = (ctypes.c_void_p * n)(*addresses)
+        self.capacities = (ctypes.c_uint64 * n)(*capacities)
+        self.nbytes = (ctypes.c_uint64 * n)()
+
+
 class Receiver(_Endpoint):
     """Receiver `index` of N with a registered region of `depth` slots of `capacity` bytes per sender."""
 
@@ -220,6 +236,26 @@ class Receiver(_Endpoint):
         if rc:
             _check(rc, self._err)
         return self._nbytes.value
+
+    def recv_all(self, outs: list[np.ndarray], senders: list[int], layer: int = 0, micro_batch: int = 0,
+                 timeout_s: float = -1) -> list[int]:
+        """One message from each of `senders` (distinct) into the matching array of `outs` (C-contiguous,
+        writeable), taken as they come rather than in sender order; their byte counts."""
+        if len(outs) != len(senders):
+            raise ValueError(f"recv_all needs one output per sender: {len(outs)} outputs, {len(senders)} senders")
+        if not all(o.flags.c_contiguous and o.flags.writeable for o in outs):
+            raise ValueError("recv_all needs C-contiguous, writeable arrays")
+        batch = RecvAllBatch(senders, [o.__array_interface__["data"][0] for o in outs], [o.nbytes for o in outs])
+        return self.recv_all_raw(batch, layer, micro_batch, timeout_s)
+
+    def recv_all_raw(self, batch: "RecvAllBatch", layer: int = 0, micro_batch: int = 0,
+                     timeout_s: float = -1) -> list[int]:
+        """`recv_all` into the raw buffers of a prepared batch (no per-call array inspection)."""
+        rc = library().m2n_recv_all(self.handle, batch.senders, batch.count, layer, micro_batch, batch.outs,
+                                    batch.capacities, batch.nbytes, timeout_s, self._err, _ERR_LEN)
+        if rc:
+            _check(rc, self._err)
+        return list(batch.nbytes)
 
     def recv(self, sender: int, layer: int = 0, micro_batch: int = 0, timeout_s: float = -1) -> bytes:
         out = np.empty(self.capacity, np.uint8)
