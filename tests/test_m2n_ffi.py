@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from msjax.comm import native
@@ -127,3 +128,32 @@ def test_custom_call_errors_are_clear_in_process():
         tx.send(0, b"x" * 12)  # 12 bytes is not a whole number of 32-byte rows
         with pytest.raises(Exception, match="not a whole number of 32-byte rows"):
             jax.jit(lambda: native.m2n_recv(rx, sender=0, like=rows))()[0].block_until_ready()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_one_custom_call_receives_from_every_sender(transport):
+    """m2n_recv_all: a packet from each of several senders in one call, each into its own buffer shape (rows past
+    its count zero), the counts as one array; tags checked against the traced operand."""
+    name = f"f{uuid.uuid4().hex[:10]}"
+    with native.Receiver(transport, name if transport == "shm" else "127.0.0.1:0", 0, 2, 1024,
+                         timeout_s=5) as rx:
+        address = name if transport == "shm" else rx.address
+        with native.Sender(transport, [address], 0, 1024, timeout_s=5) as tx0, \
+                native.Sender(transport, [address], 1, 1024, timeout_s=5) as tx1:
+            likes = [jax.ShapeDtypeStruct((4, 8), jnp.float32), jax.ShapeDtypeStruct((6, 2), jnp.int32)]
+            recv = jax.jit(lambda layer: native.m2n_recv_all(rx, senders=[1, 0], likes=likes[::-1], layer=layer))
+            assert "m2n_recv_all" in recv.lower(0).as_text()
+            a = jnp.arange(32, dtype=jnp.float32).reshape(4, 8)
+            b = jnp.arange(12, dtype=jnp.int32).reshape(6, 2)
+            jax.jit(lambda r, layer: native.m2n_send(r, 3, tx0, receiver=0, layer=layer))(a, 7).block_until_ready()
+            jax.jit(lambda r, layer: native.m2n_send(r, 2, tx1, receiver=0, layer=layer))(b, 7).block_until_ready()
+            (from1, from0), counts = recv(7)
+            assert counts.tolist() == [2, 3]
+            np.testing.assert_array_equal(np.asarray(from1), np.concatenate([np.asarray(b[:2]), np.zeros((4, 2))]))
+            np.testing.assert_array_equal(np.asarray(from0), np.concatenate([np.asarray(a[:3]), np.zeros((1, 8))]))
+            jax.jit(lambda r: native.m2n_send(r, 1, tx0, receiver=0, layer=8))(a).block_until_ready()
+            jax.jit(lambda r: native.m2n_send(r, 1, tx1, receiver=0, layer=9))(b).block_until_ready()
+            with pytest.raises(Exception, match="expected layer 8 micro-batch 0 from sender 1, got .*layer=9"):
+                recv(8)[1].block_until_ready()
+    with pytest.raises(ValueError, match="one buffer shape per sender"):
+        native.m2n_recv_all(rx, senders=[0, 1], likes=likes[:1])

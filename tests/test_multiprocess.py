@@ -62,7 +62,7 @@ def _schedule(compiled_hlo: str) -> list[str]:
     kinds = []
     for line in entry.splitlines():
         kind = ("send" if 'custom_call_target="m2n_send"' in line else
-                "recv" if 'custom_call_target="m2n_recv"' in line else
+                "recv" if 'custom_call_target="m2n_recv_all"' in line else
                 "route" if "router/top_k" in line and "custom-call(" in line else
                 "head" if "jit(head_step)/dot_general" in line else None)
         if kind and (not kinds or kinds[-1] != kind):
@@ -98,7 +98,7 @@ def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
         assert runner._step_program(0)._cache_size() == len(signatures)  # one compile per step signature
         if check_hlo:  # the data path is inside the program: the attention side holds both custom calls
             text = runner.lower_attention(seen[0][0])
-            assert "m2n_send" in text and "m2n_recv" in text
+            assert "m2n_send" in text and "m2n_recv_all" in text
             step = max(seen, key=lambda s: len(s[0]))[0]  # a step with the most micro-batches
             scheduled = _schedule(runner.lower_attention(step, compiled=True))
             assert scheduled == _ping_pong(len(step), tiny_config().num_layers), scheduled

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "registry.h"
 #include "xla/ffi/api/ffi.h"
@@ -101,6 +102,58 @@ ffi::Error RecvImpl(ffi::Buffer<ffi::S32> tag, ffi::Buffer<ffi::S32> after, ffi:
   return ffi::Error::Success();
 }
 
+// One packet from each of several senders (a round's share of this receiver), taken as they come: counts [k],
+// then rows_j [capacity_j, ...] for senders[j].
+ffi::Error RecvAllImpl(ffi::Buffer<ffi::S32> tag, ffi::Buffer<ffi::S32> after,
+                       ffi::Result<ffi::Buffer<ffi::S32>> counts, ffi::RemainingRets rows,
+                       int64_t handle, ffi::Span<const int32_t> senders, float timeout_s) {
+  auto tags = Tag(tag, "m2n_recv_all");
+  if (tags.has_error()) return tags.error();
+  size_t k = senders.size();
+  if (counts->element_count() != k || rows.size() != k) {
+    return ffi::Error::InvalidArgument("m2n_recv_all: " + std::to_string(k) + " senders need " +
+                                       std::to_string(k) + " counts and row buffers, got " +
+                                       std::to_string(counts->element_count()) + " and " +
+                                       std::to_string(rows.size()));
+  }
+  auto entry = Find(handle);
+  if (entry == nullptr || entry->receiver == nullptr) {
+    return ffi::Error::InvalidArgument("m2n_recv_all: no open receiver with handle " + std::to_string(handle));
+  }
+  std::vector<uint32_t> from(k);
+  std::vector<void*> outs(k);
+  std::vector<uint64_t> capacities(k), nbytes(k, 0), row_bytes(k);
+  for (size_t j = 0; j < k; ++j) {
+    if (senders[j] < 0) return ffi::Error::InvalidArgument("m2n_recv_all: sender indices must be >= 0");
+    auto buffer = rows.get<ffi::AnyBuffer>(j);
+    if (buffer.has_error()) return buffer.error();
+    auto bytes = RowBytes(*buffer.value());
+    if (bytes.has_error()) return bytes.error();
+    from[j] = static_cast<uint32_t>(senders[j]);
+    outs[j] = buffer.value()->untyped_data();
+    capacities[j] = buffer.value()->size_bytes();
+    row_bytes[j] = bytes.value();
+  }
+  {
+    std::lock_guard<std::mutex> lock(entry->mu);
+    Status status = entry->receiver->RecvAll(from.data(), static_cast<uint32_t>(k), tags.value().first,
+                                             tags.value().second, outs.data(), capacities.data(), nbytes.data(),
+                                             timeout_s);
+    if (!status.ok()) return ToFfi(status);
+  }
+  for (size_t j = 0; j < k; ++j) {
+    if (nbytes[j] % row_bytes[j] != 0) {
+      return ffi::Error(ffi::ErrorCode::kDataLoss, "m2n_recv_all: " + std::to_string(nbytes[j]) +
+                                                       " bytes from sender " + std::to_string(from[j]) +
+                                                       " is not a whole number of " + std::to_string(row_bytes[j]) +
+                                                       "-byte rows");
+    }
+    std::memset(static_cast<uint8_t*>(outs[j]) + nbytes[j], 0, capacities[j] - nbytes[j]);  // padding is zero
+    counts->typed_data()[j] = static_cast<int32_t>(nbytes[j] / row_bytes[j]);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace m2n
 
@@ -123,4 +176,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(M2nRecv, m2n::RecvImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()        // count [] valid rows received
                                   .Attr<int64_t>("handle")                       // receiver endpoint
                                   .Attr<int32_t>("sender")                       // sender index in [0, M)
+                                  .Attr<float>("timeout_s"));                    // seconds before a clear error
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(M2nRecvAll, m2n::RecvAllImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()        // tag [2] expected (layer, mb)
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()        // after []: orders this receive
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()        // counts [k] valid rows each
+                                  .RemainingRets()                               // rows_j [capacity_j, ...]
+                                  .Attr<int64_t>("handle")                       // receiver endpoint
+                                  .Attr<xla::ffi::Span<const int32_t>>("senders")  // sender indices, k of them
                                   .Attr<float>("timeout_s"));                    // seconds before a clear error

@@ -26,8 +26,8 @@ from msjax.comm._lib import (CUDA_LIBRARY, LIBRARY, TRANSPORTS, LibraryNotBuilt,
 
 __all__ = ["CUDA_LIBRARY", "LIBRARY", "TRANSPORTS", "LibraryNotBuilt", "M2NError", "M2NTimeout", "Receiver", "Sender",
            "VerbsReceiver", "VerbsSender", "has_verbs", "header_bytes", "is_built", "library", "m2n_recv",
-           "m2n_send", "message_magic", "register_ffi_targets", "validate_header", "verbs_conninfo_roundtrip",
-           "verbs_devices", "verbs_imm"]
+           "m2n_recv_all", "m2n_send", "message_magic", "register_ffi_targets", "validate_header",
+           "verbs_conninfo_roundtrip", "verbs_devices", "verbs_imm"]
 
 
 # -- XLA FFI ---------------------------------------------------------------------------------------------------
@@ -36,12 +36,13 @@ _registered: set[str] = set()
 
 
 def register_ffi_targets() -> None:
-    """Registers m2n_send / m2n_recv with XLA for the CPU platform (and CUDA when the CUDA variant is built and a
-    GPU backend exists). Idempotent."""
+    """Registers m2n_send / m2n_recv / m2n_recv_all with XLA for the CPU platform (and m2n_send / m2n_recv for
+    CUDA when the CUDA variant is built and a GPU backend exists). Idempotent."""
     if "cpu" not in _registered:
         lib = library()
         jax.ffi.register_ffi_target("m2n_send", jax.ffi.pycapsule(lib.M2nSend), platform="cpu")
         jax.ffi.register_ffi_target("m2n_recv", jax.ffi.pycapsule(lib.M2nRecv), platform="cpu")
+        jax.ffi.register_ffi_target("m2n_recv_all", jax.ffi.pycapsule(lib.M2nRecvAll), platform="cpu")
         _registered.add("cpu")
     if "cuda" not in _registered and _has_gpu():
         path = next((p for p in _candidates(CUDA_LIBRARY) if p.is_file()), None)
@@ -101,3 +102,21 @@ def m2n_recv(receiver: Receiver, *, sender: int, like: jax.ShapeDtypeStruct | ja
     call = jax.ffi.ffi_call("m2n_recv", (shape, jax.ShapeDtypeStruct((), jnp.int32)))  # see m2n_send
     return call(_tag(layer, micro_batch), _after(after), handle=np.int64(receiver.handle), sender=np.int32(sender),
                 timeout_s=np.float32(receiver.timeout_s if timeout_s is None else timeout_s))
+
+
+def m2n_recv_all(receiver: Receiver, *, senders: list[int], likes: list, layer: int | jax.Array = 0,
+                 micro_batch: int | jax.Array = 0, timeout_s: float | None = None,
+                 after: jax.Array | None = None) -> tuple[list[jax.Array], jax.Array]:
+    """`m2n_recv` from each of `senders` (distinct) in one call, into buffers shaped like `likes` (one each):
+    ([rows_j], counts [k] int32). The messages are taken as they come rather than in sender order (over tcp the
+    receive reads every one that has not begun straight from its socket), so a slow first sender does not hold
+    up the others' bytes. CPU only for now (no CUDA handler yet)."""
+    if len(likes) != len(senders) or not senders:
+        raise ValueError(f"m2n_recv_all needs one buffer shape per sender: {len(likes)} for {len(senders)}")
+    register_ffi_targets()
+    shapes = [jax.ShapeDtypeStruct(like.shape, like.dtype) for like in likes]
+    call = jax.ffi.ffi_call("m2n_recv_all", (jax.ShapeDtypeStruct((len(senders),), jnp.int32), *shapes))
+    counts, *rows = call(_tag(layer, micro_batch), _after(after), handle=np.int64(receiver.handle),
+                         senders=np.asarray(senders, np.int32),
+                         timeout_s=np.float32(receiver.timeout_s if timeout_s is None else timeout_s))
+    return rows, counts

@@ -4,8 +4,9 @@
 It loads only its experts, meets the engine through JAX's distributed key-value store (addresses of the M2N
 endpoints), then loops: a small control message from attention node 0 says what the next step holds (per round:
 which attention nodes send and their packet capacities); one jitted program per step then, for every (layer,
-micro-batch), receives the packets of every active attention node (`m2n_recv`), runs the node's experts and sends
-each attention node its outputs (`m2n_send`) — no Python on the data path. A control message {"stop": true} ends it.
+micro-batch), receives the packets of every active attention node (`m2n_recv_all`: one call, the packets taken
+as they come), runs the node's experts and sends each attention node its outputs (`m2n_send`) — no Python on the
+data path. A control message {"stop": true} ends it.
 """
 
 from __future__ import annotations
@@ -128,14 +129,15 @@ def serve(spec: dict, parent: int) -> int:
                 for layer in range(cfg.num_layers):
                     for i, caps in enumerate(rounds):
                         packets = []
-                        for a, cap in caps:
-                            like = jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8)
-                            buf, count = native.m2n_recv(rx, sender=a, like=like, layer=layer, micro_batch=i,
-                                                         after=token)
-                            token = count
+                        likes = [jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8)
+                                 for _, cap in caps]
+                        bufs, counts = native.m2n_recv_all(rx, senders=[a for a, _ in caps], likes=likes,
+                                                           layer=layer, micro_batch=i, after=token)
+                        token = counts[-1]
+                        for j, ((_, cap), buf) in enumerate(zip(caps, bufs)):
                             rows, ids = mp.unpack_rows(buf, hidden, dtype)
-                            ids = jnp.where(jnp.arange(cap) < count, ids, len(expert_ids))  # padding: no local expert
-                            packets.append(Packet(rows=rows, expert_ids=ids, count=count))
+                            ids = jnp.where(jnp.arange(cap) < counts[j], ids, len(expert_ids))  # padding: no expert
+                            packets.append(Packet(rows=rows, expert_ids=ids, count=counts[j]))
                         outs = expert_step(graphdef, state, layer, tuple(packets))
                         for (a, _), out, p in zip(caps, outs, packets):
                             token = native.m2n_send(out, p.count, back, receiver=a, layer=layer, micro_batch=i,

@@ -312,18 +312,16 @@ class MultiProcessRunner:
         return send
 
     def _recv_body(self, a: int):
-        """The expert outputs of one (layer, micro-batch) back from every expert node (m2n_recv), combined."""
+        """The expert outputs of one (layer, micro-batch) back from every expert node (m2n_recv_all), combined."""
         from msjax.comm import native
         rx, hidden, dtype = self.back[a], self.hidden, self.dtype
 
         def recv(layer, micro_batch, orders, weights, token):
-            outs = []
-            for e, order in enumerate(orders):  # each receive after the previous m2n call
-                like = jax.ShapeDtypeStruct((order.shape[0], hidden), dtype)
-                out, token = native.m2n_recv(rx, sender=e, like=like, layer=layer, micro_batch=micro_batch,
-                                             after=token)
-                outs.append(out)
-            return combine_step(tuple(outs), orders, weights), token
+            # one call for every expert node (after the previous m2n call), their outputs taken as they come
+            likes = [jax.ShapeDtypeStruct((order.shape[0], hidden), dtype) for order in orders]
+            outs, counts = native.m2n_recv_all(rx, senders=list(range(len(orders))), likes=likes, layer=layer,
+                                               micro_batch=micro_batch, after=token)
+            return combine_step(tuple(outs), orders, weights), counts[-1]
         return recv
 
     def _step_body(self, a: int):
