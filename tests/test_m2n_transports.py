@@ -437,3 +437,61 @@ def test_tcp_receive_from_every_sender_reads_them_as_they_come():
         finally:
             for sock in socks:
                 sock.close()
+
+
+def test_tcp_receive_path_under_random_timing():
+    """Three senders stream messages of random sizes, each written in pieces with pauses between (so a receive
+    often sees half a header or half a payload); the consumer takes each round either with one receive for all
+    senders or sender by sender with short timeouts that expire mid-message (the connection then goes back to
+    the I/O thread with the bytes read so far) and tries again. Every message arrives whole and in order."""
+    n, senders_n, cap = 40, 3, 1 << 16
+    sizes = np.random.default_rng(7).integers(0, cap, (senders_n, n))
+    with native.Receiver("tcp", "127.0.0.1:0", 0, senders_n, cap, depth=2, timeout_s=10) as rx:
+        host, port = rx.address.split(":")
+        socks = [socket.create_connection((host, int(port))) for _ in range(senders_n)]
+        errors = []
+
+        def stream(i):
+            jitter = np.random.default_rng(100 + i)
+            try:
+                socks[i].sendall(struct.pack("<IIII", HELLO_MAGIC, i, 0, 1))
+                for k in range(n):
+                    wire = raw_header(sender=i, layer=k, seq=k, nbytes=int(sizes[i, k])) + payload(i, 0, k,
+                                                                                                   int(sizes[i, k]))
+                    # three pieces; half the time the first ends inside the 32-byte header
+                    first = int(jitter.integers(1, 32)) if jitter.random() < 0.5 else int(jitter.integers(0, len(wire)))
+                    cuts = sorted([first, int(jitter.integers(0, len(wire)))])
+                    for piece in (wire[:cuts[0]], wire[cuts[0]:cuts[1]], wire[cuts[1]:]):
+                        socks[i].sendall(piece)
+                        time.sleep(jitter.random() * 0.001)
+            except Exception as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(senders_n)]
+        for thread in threads:
+            thread.start()
+        try:
+            rng = np.random.default_rng(0)
+            outs = [np.zeros(cap, np.uint8) for _ in range(senders_n)]
+            timeouts = 0
+            for k in range(n):
+                if rng.random() < 0.4:
+                    got = rx.recv_all(outs, list(range(senders_n)), layer=k)
+                    assert [outs[i][:g].tobytes() for i, g in enumerate(got)] == [
+                        payload(i, 0, k, int(sizes[i, k])) for i in range(senders_n)]
+                    continue
+                for i in rng.permutation(senders_n):
+                    while True:
+                        try:
+                            data = rx.recv(int(i), layer=k, timeout_s=float(rng.choice([0.0002, 0.0005, 0.002])))
+                            break
+                        except native.M2NTimeout:
+                            timeouts += 1
+                    assert data == payload(int(i), 0, k, int(sizes[i, k])), (k, i)
+            for thread in threads:
+                thread.join(10)
+            assert not errors
+            assert timeouts > 0  # the retry path ran
+        finally:
+            for sock in socks:
+                sock.close()
