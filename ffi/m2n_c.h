@@ -25,7 +25,8 @@ int m2n_recv(int64_t handle, uint32_t sender, uint32_t layer, uint32_t micro_bat
              uint64_t out_capacity, uint64_t* nbytes, double timeout_s, char* err, size_t err_len);
 // One message from each of `count` distinct senders (an M2N round's share of one receiver), taken as they come:
 // senders[k]'s payload into outs[k] (capacities[k] bytes), its size into nbytes[k]. Errors as m2n_recv's: the
-// first failing sender's in the order given.
+// first failing sender's in the order given; the messages that did arrive are still consumed, and nbytes[k] is
+// UINT64_MAX for each sender whose message was not received (wait again for just those).
 int m2n_recv_all(int64_t handle, const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
                  void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s, char* err,
                  size_t err_len);

@@ -399,8 +399,9 @@ def test_receive_from_every_sender_gets_what_came_when_one_is_missing(net):
     senders = [net.sender(index=i, capacity=4096) for i in range(2)]
     senders[0].send(0, b"first", layer=4)
     outs = [np.zeros(4096, np.uint8) for _ in range(2)]
-    with pytest.raises(native.M2NTimeout, match="waiting for sender 1"):
+    with pytest.raises(native.M2NTimeout, match="waiting for sender 1") as info:
         rx.recv_all(outs, [0, 1], layer=4, timeout_s=0.3)
+    assert info.value.received == [5, None] and outs[0][:5].tobytes() == b"first"  # what the caller holds
     senders[1].send(0, b"late", layer=4)
     senders[0].send(0, b"second", layer=5)
     assert rx.recv(1, layer=4) == b"late"

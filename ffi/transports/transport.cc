@@ -51,7 +51,10 @@ Status RecvEndpoint::RecvAll(const uint32_t* senders, uint32_t count, uint32_t l
     if (status.ok() || status.code == Code::kDataLoss) OnConsumed(sender, expected_seq_[sender]);
     if (status.ok()) {
       ++expected_seq_[sender];
-    } else if (status.code == Code::kDataLoss) {
+    } else {
+      nbytes[k] = kNotReceived;  // so a caller that goes on after an error knows which messages it holds
+    }
+    if (status.code == Code::kDataLoss) {
       broken_[sender] = Error(status.code, "channel from sender " + std::to_string(sender) +
                                                " is broken: " + status.message);
     }

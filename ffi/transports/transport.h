@@ -43,6 +43,8 @@ class SendEndpoint {
   std::vector<uint64_t> next_seq_;
 };
 
+inline constexpr uint64_t kNotReceived = ~uint64_t{0};
+
 class RecvEndpoint {
  public:
   virtual ~RecvEndpoint() = default;
@@ -55,7 +57,8 @@ class RecvEndpoint {
   // payload into outs[k] (at most capacities[k] bytes), its size into nbytes[k]. What an M2N round asks of a
   // receiver: the messages are taken as they come, not in sender order (tcp reads every one that has not begun
   // straight from its socket, whichever is first). Errors as for Recv; the first failing sender's (in the
-  // order given) is returned, and the messages that did arrive are consumed.
+  // order given) is returned, and the messages that did arrive are consumed: nbytes[k] says which (kNotReceived
+  // for a sender whose message the caller does not hold), so a caller can wait again for just the missing ones.
   Status RecvAll(const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch, void* const* outs,
                  const uint64_t* capacities, uint64_t* nbytes, double timeout_s = -1);
   virtual std::string address() const = 0;

@@ -16,6 +16,7 @@ LIBRARY = "libmsjax_m2n.so"
 CUDA_LIBRARY = "libmsjax_m2n_cuda.so"
 TRANSPORTS = ("shm", "tcp")
 _ERR_LEN = 1024
+_NOT_RECEIVED = 2**64 - 1  # a recv_all byte count: that sender's message was not received
 _CODES = {1: "invalid argument", 2: "deadline exceeded", 3: "unavailable", 4: "malformed message", 5: "internal"}
 
 
@@ -240,7 +241,8 @@ class Receiver(_Endpoint):
     def recv_all(self, outs: list[np.ndarray], senders: list[int], layer: int = 0, micro_batch: int = 0,
                  timeout_s: float = -1) -> list[int]:
         """One message from each of `senders` (distinct) into the matching array of `outs` (C-contiguous,
-        writeable), taken as they come rather than in sender order; their byte counts."""
+        writeable), taken as they come rather than in sender order; their byte counts. Errors: see
+        `recv_all_raw` (the exception says which messages did arrive)."""
         if len(outs) != len(senders):
             raise ValueError(f"recv_all needs one output per sender: {len(outs)} outputs, {len(senders)} senders")
         if not all(o.flags.c_contiguous and o.flags.writeable for o in outs):
@@ -250,11 +252,17 @@ class Receiver(_Endpoint):
 
     def recv_all_raw(self, batch: "RecvAllBatch", layer: int = 0, micro_batch: int = 0,
                      timeout_s: float = -1) -> list[int]:
-        """`recv_all` into the raw buffers of a prepared batch (no per-call array inspection)."""
+        """`recv_all` into the raw buffers of a prepared batch (no per-call array inspection). On an error the
+        messages that did arrive are still consumed: the exception's `received` lists each sender's byte count,
+        or None where its message was not received (wait again for just those)."""
         rc = library().m2n_recv_all(self.handle, batch.senders, batch.count, layer, micro_batch, batch.outs,
                                     batch.capacities, batch.nbytes, timeout_s, self._err, _ERR_LEN)
         if rc:
-            _check(rc, self._err)
+            try:
+                _check(rc, self._err)
+            except M2NError as error:
+                error.received = [None if n == _NOT_RECEIVED else n for n in batch.nbytes]
+                raise
         return list(batch.nbytes)
 
     def recv(self, sender: int, layer: int = 0, micro_batch: int = 0, timeout_s: float = -1) -> bytes:
