@@ -154,13 +154,7 @@ class TcpReceiver : public RecvEndpoint {
       }
     }
     std::sort(slotted.begin(), slotted.end());
-    for (size_t i = 0; i < slotted.size(); ++i) {
-      size_t k = slotted[i];
-      statuses[k] = mailbox_.Receive(expects[k], outs[k], capacities[k], &nbytes[k], deadline,
-                                     peer_check(expects[k].sender));
-      if (statuses[k].ok()) continue;
-      for (++i; i < slotted.size(); ++i) statuses[slotted[i]] = NotTaken(expects[slotted[i]]);
-    }
+    TakeFromSlots(expects, slotted, outs, capacities, nbytes, deadline, statuses);
   }
 
  private:

@@ -65,13 +65,22 @@ Status RecvEndpoint::RecvAll(const uint32_t* senders, uint32_t count, uint32_t l
 
 void RecvEndpoint::TakeAll(const std::vector<Expectation>& expects, void* const* outs, const uint64_t* capacities,
                            uint64_t* nbytes, Clock::time_point deadline, Status* statuses) {
-  size_t k = 0;
-  for (; k < expects.size(); ++k) {
+  std::vector<size_t> all(expects.size());
+  for (size_t k = 0; k < all.size(); ++k) all[k] = k;
+  TakeFromSlots(expects, all, outs, capacities, nbytes, deadline, statuses);
+}
+
+void RecvEndpoint::TakeFromSlots(const std::vector<Expectation>& expects, const std::vector<size_t>& which,
+                                 void* const* outs, const uint64_t* capacities, uint64_t* nbytes,
+                                 Clock::time_point deadline, Status* statuses) {
+  size_t i = 0;
+  for (; i < which.size(); ++i) {
+    size_t k = which[i];
     statuses[k] = mailbox_.Receive(expects[k], outs[k], capacities[k], &nbytes[k], deadline,
                                    peer_check(expects[k].sender));
     if (!statuses[k].ok()) break;
   }
-  for (++k; k < expects.size(); ++k) statuses[k] = NotTaken(expects[k]);
+  for (++i; i < which.size(); ++i) statuses[which[i]] = NotTaken(expects[which[i]]);
 }
 
 Status RecvEndpoint::NotTaken(const Expectation& expect) {

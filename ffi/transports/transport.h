@@ -77,6 +77,9 @@ class RecvEndpoint {
   // from their sockets, straight into `outs`, in the order they come.
   virtual void TakeAll(const std::vector<Expectation>& expects, void* const* outs, const uint64_t* capacities,
                        uint64_t* nbytes, Clock::time_point deadline, Status* statuses);
+  // The default's loop over the messages `which` (indices into `expects`, ascending), from their slots.
+  void TakeFromSlots(const std::vector<Expectation>& expects, const std::vector<size_t>& which, void* const* outs,
+                     const uint64_t* capacities, uint64_t* nbytes, Clock::time_point deadline, Status* statuses);
   static Status NotTaken(const Expectation& expect);
   // Called once the slot of (sender, seq) is free again (verbs returns a credit to the sender).
   virtual void OnConsumed(uint32_t sender, uint64_t seq) {}

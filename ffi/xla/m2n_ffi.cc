@@ -53,6 +53,20 @@ ffi::ErrorOr<std::pair<uint32_t, uint32_t>> Tag(const ffi::Buffer<ffi::S32>& tag
   return std::make_pair(static_cast<uint32_t>(t[0]), static_cast<uint32_t>(t[1]));
 }
 
+// `nbytes` received into `out` (`capacity` bytes) as whole rows: the padding after them zeroed (not stale), their
+// count into `count`; kDataLoss when the bytes are not whole rows.
+ffi::Error WholeRows(const std::string& op, uint32_t sender, uint8_t* out, uint64_t capacity, uint64_t nbytes,
+                     size_t row_bytes, int32_t* count) {
+  if (nbytes % row_bytes != 0) {
+    return ffi::Error(ffi::ErrorCode::kDataLoss, op + ": " + std::to_string(nbytes) + " bytes from sender " +
+                                                     std::to_string(sender) + " is not a whole number of " +
+                                                     std::to_string(row_bytes) + "-byte rows");
+  }
+  std::memset(out + nbytes, 0, capacity - nbytes);
+  *count = static_cast<int32_t>(nbytes / row_bytes);
+  return ffi::Error::Success();
+}
+
 ffi::Error SendImpl(ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> tag,
                     ffi::Buffer<ffi::S32> /*after: ordering only*/, ffi::Result<ffi::Buffer<ffi::S32>> sent, int64_t handle, int32_t receiver, float timeout_s) {
   auto row_bytes = RowBytes(rows);
@@ -92,14 +106,8 @@ ffi::Error RecvImpl(ffi::Buffer<ffi::S32> tag, ffi::Buffer<ffi::S32> after, ffi:
   Status status = entry->receiver->Recv(static_cast<uint32_t>(sender), tags.value().first, tags.value().second, out,
                                         rows->size_bytes(), &nbytes, timeout_s);
   if (!status.ok()) return ToFfi(status);
-  if (nbytes % row_bytes.value() != 0) {
-    return ffi::Error(ffi::ErrorCode::kDataLoss, "m2n_recv: " + std::to_string(nbytes) +
-                                                     " bytes is not a whole number of " +
-                                                     std::to_string(row_bytes.value()) + "-byte rows");
-  }
-  std::memset(out + nbytes, 0, rows->size_bytes() - nbytes);  // padding rows are zero, not stale
-  count->typed_data()[0] = static_cast<int32_t>(nbytes / row_bytes.value());
-  return ffi::Error::Success();
+  return WholeRows("m2n_recv", static_cast<uint32_t>(sender), out, rows->size_bytes(), nbytes, row_bytes.value(),
+                   count->typed_data());
 }
 
 // One packet from each of several senders (a round's share of this receiver), taken as they come: counts [k],
@@ -142,14 +150,9 @@ ffi::Error RecvAllImpl(ffi::Buffer<ffi::S32> tag, ffi::Buffer<ffi::S32> after,
     if (!status.ok()) return ToFfi(status);
   }
   for (size_t j = 0; j < k; ++j) {
-    if (nbytes[j] % row_bytes[j] != 0) {
-      return ffi::Error(ffi::ErrorCode::kDataLoss, "m2n_recv_all: " + std::to_string(nbytes[j]) +
-                                                       " bytes from sender " + std::to_string(from[j]) +
-                                                       " is not a whole number of " + std::to_string(row_bytes[j]) +
-                                                       "-byte rows");
-    }
-    std::memset(static_cast<uint8_t*>(outs[j]) + nbytes[j], 0, capacities[j] - nbytes[j]);  // padding is zero
-    counts->typed_data()[j] = static_cast<int32_t>(nbytes[j] / row_bytes[j]);
+    ffi::Error done = WholeRows("m2n_recv_all", from[j], static_cast<uint8_t*>(outs[j]), capacities[j], nbytes[j],
+                                row_bytes[j], counts->typed_data() + j);
+    if (done.failure()) return done;
   }
   return ffi::Error::Success();
 }

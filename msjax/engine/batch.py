@@ -23,10 +23,8 @@ def decode_bucket(n: int, cap: int) -> int:
     """Sequences of a decode step, padded: powers of two up to 8, then half-steps too (12, 16, 24, 32, 48, ...),
     capped at `cap`. With the half-steps under a third of the rows are padding, not up to half: 3 micro-batches
     of 64 sequences run 3 x 24 rows, not 3 x 32, and 40 running sequences 48, not 64."""
-    size = bucket(n, cap)
-    if size > 8 and size * 3 // 4 >= n:
-        size = size * 3 // 4
-    return min(size, cap)
+    size = bucket(n, cap)  # <= cap already
+    return size * 3 // 4 if size > 8 and size * 3 // 4 >= n else size
 
 
 def decode_buckets(cap: int) -> list[int]:

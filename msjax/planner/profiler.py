@@ -216,15 +216,13 @@ def time_decode_step_variants(engine, batch: int, context: int, steps: int, vari
 def traced_host_seconds(engine, variants: dict, rounds: int = 2) -> dict:
     """T_host of the real engine: the host work of a decode step that no device overlaps (scheduling, batch
     building, moving the inputs, dispatch, output handling), as the step's wall time minus the span of the device
-    programs it ran (`timeline.read_executions`), read from a profiler trace of `rounds` steps per variant (no
+    programs it ran (`timeline.executions`), read from a profiler trace of `rounds` steps per variant (no
     Python tracer, whose overhead would land on exactly this). The engine must have requests decoding.
     `variants` as in `time_decode_step_variants`. -> {key: median seconds}."""
-    import gzip
-    import json
     import tempfile
     from pathlib import Path
 
-    from msjax.runtime.timeline import read_executions
+    from msjax.runtime.timeline import executions, read_trace_events
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0
     keys = []
@@ -237,10 +235,8 @@ def traced_host_seconds(engine, variants: dict, rounds: int = 2) -> dict:
                         engine.step()
                     keys.append(key)
         (path,) = Path(folder).glob("plugins/profile/*/perfetto_trace.json.gz")
-        runs = [span for spans in read_executions(path).values() for span in spans]  # (start µs, end µs)
-        with gzip.open(path, "rt") as f:
-            data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+        events = read_trace_events(path)
+    runs = [span for spans in executions(events).values() for span in spans]  # (start µs, end µs)
     steps = {int(e["name"].rsplit("-", 1)[1]): e for e in events
              if e.get("ph") == "X" and e["name"].startswith("msjax-host-probe-")}
     host = {key: [] for key in variants}

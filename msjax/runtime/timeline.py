@@ -128,11 +128,20 @@ class Timeline:
         return path
 
 
-def read_executions(path: Path) -> dict[tuple[int, str], list[tuple[float, float]]]:
-    """(device ordinal, HLO module) -> [(start_us, end_us)] of each execution, in start order."""
+def read_trace_events(path: Path) -> list[dict]:
+    """The events of a profiler trace file (.json.gz, either of the two layouts JAX writes)."""
     with gzip.open(path, "rt") as f:
         data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def read_executions(path: Path) -> dict[tuple[int, str], list[tuple[float, float]]]:
+    """(device ordinal, HLO module) -> [(start_us, end_us)] of each execution, in start order."""
+    return executions(read_trace_events(path))
+
+
+def executions(events: list[dict]) -> dict[tuple[int, str], list[tuple[float, float]]]:
+    """`read_executions` of events already read."""
     runs: dict[tuple[int, str, str], list[float]] = {}
     for e in events:
         args = e.get("args") or {}
