@@ -42,17 +42,51 @@ def grouped_gemm_reference(
     return jnp.where(_tail_mask(x.shape[0], group_sizes), out, 0).astype(out_dtype)
 
 
+def grouped_gemm_dense(
+    x: jax.Array,  # [tokens, k], sorted by group
+    w: jax.Array,  # [groups, k, n]
+    group_sizes: jax.Array,  # [groups] int32
+    *,
+    preferred_element_type=None,
+) -> jax.Array:  # [tokens, n]
+    """`grouped_gemm_reference` as one dense matmul, the form used on CPU: row i of x placed in its group's
+    block of a [tokens, groups * k] matrix (zeros elsewhere, and everywhere for padding rows) times w viewed as
+    [groups * k, n], a free reshape of its row-major layout. XLA:CPU expands `ragged_dot` into the same
+    contraction but over w transposed to [k, groups, n]: a copy of the weights on every call, and in a program
+    over every layer (the expert node's step) XLA made all of those copies at the start, holding every layer's
+    expert weights twice."""
+    out_dtype = preferred_element_type or x.dtype
+    rows, k = x.shape
+    groups, _, n = w.shape
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))  # [groups]
+    group = jnp.sum(jnp.arange(rows)[:, None] >= ends[None, :], axis=1)  # [rows]: groups for padding rows
+    onehot = group[:, None] == jnp.arange(groups)[None, :]  # [rows, groups]
+    placed = jnp.where(onehot[:, :, None], x[:, None, :], 0).reshape(rows, groups * k)
+    out = jnp.dot(placed, w.reshape(groups * k, n), precision=jax.lax.Precision.HIGHEST,
+                  preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+
+
 def grouped_ffn_reference(
     x: jax.Array,  # [tokens, hidden], sorted by expert
     group_sizes: jax.Array,  # [experts] int32
     w_gate_up: jax.Array,  # [experts, hidden, 2 * ffn]: gate half first, then up
     w_down: jax.Array,  # [experts, ffn, hidden]
+    *,
+    gemm=grouped_gemm_reference,
 ) -> jax.Array:  # [tokens, hidden]
-    """SwiGLU expert FFN: down(silu(x @ gate) * (x @ up)) per expert; padding rows are zero."""
-    gate_up = grouped_gemm_reference(x, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
+    """SwiGLU expert FFN: down(silu(x @ gate) * (x @ up)) per expert; padding rows are zero. `gemm`: the
+    grouped matmul to build it from (`grouped_gemm_dense` gives the same numbers, without copies on CPU)."""
+    gate_up = gemm(x, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
     gate, up = jnp.split(gate_up, 2, axis=-1)  # [tokens, ffn] each
     act = (jax.nn.silu(gate) * up).astype(x.dtype)
-    return grouped_gemm_reference(act, w_down, group_sizes)
+    return gemm(act, w_down, group_sizes)
+
+
+def _fallback_gemm():
+    """The grouped matmul where the kernel does not run: the dense form on CPU (see `grouped_gemm_dense`),
+    `ragged_dot` elsewhere (not measured there: on a Hopper GPU the kernel is the path that counts)."""
+    return grouped_gemm_dense if jax.default_backend() == "cpu" else grouped_gemm_reference
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +388,7 @@ def grouped_gemm(
     the kernel in the Mosaic GPU interpreter on any host; `tiling` defaults to `default_tiling`."""
     tiling = tiling or default_tiling(x.shape[0], w.shape[0], x.shape[1], w.shape[2], itemsize=x.dtype.itemsize)
     if not _pick_kernel(impl, interpret, x.dtype, tiling):
-        return grouped_gemm_reference(x, w, group_sizes)
+        return _fallback_gemm()(x, w, group_sizes)
     if tiling is None:
         raise ValueError(f"no kernel tiling fits x {x.shape} @ w {w.shape}; pass one")
     return _grouped_matmul(x, w, group_sizes, swiglu=False, tiling=tiling, interpret=interpret)[:x.shape[0]]
@@ -381,7 +415,7 @@ def grouped_ffn(
         default_tiling(rows, num_experts, ffn2 // 2, hidden, itemsize=x.dtype.itemsize))
     fits = None if up_tiling is None or down_tiling is None else up_tiling
     if not _pick_kernel(impl, interpret, x.dtype, fits):
-        return grouped_ffn_reference(x, group_sizes, w_gate_up, w_down)
+        return grouped_ffn_reference(x, group_sizes, w_gate_up, w_down, gemm=_fallback_gemm())
     if fits is None:
         raise ValueError(f"no kernel tiling fits the FFN of x {x.shape}, w_gate_up {w_gate_up.shape}; pass one")
     # Pad once for both launches. The activation keeps the padded rows: those past `rows` are unspecified, and

@@ -102,12 +102,13 @@ def test_only_routed_rows_move_and_experts_stay_home():
     engine = Engine(m, EngineConfig(**OPTIONS), plan=plan)
     runner = engine.runner
     placement = plan.expert_placement(m.cfg.num_experts)
-    for e, (state, mesh) in enumerate(zip(runner.expert_states, runner.expert_meshes)):
-        for leaf in jax.tree.leaves(state):  # only this node's experts, only on this node's devices
-            assert leaf.shape[1] == len(placement[e]) == 2
+    for e, (layers, mesh) in enumerate(zip(runner.expert_layers, runner.expert_meshes)):
+        for leaf in jax.tree.leaves(layers):  # only this node's experts, only on this node's devices
+            assert leaf.shape[:2] == (1, len(placement[e])) and len(placement[e]) == 2
             assert leaf.devices() <= set(mesh.devices.flat)
         full = np.asarray(m.expert_state["w_down"][...])
-        np.testing.assert_array_equal(np.asarray(state["w_down"][...]), full[:, list(placement[e])])
+        held = np.concatenate([np.asarray(state["w_down"][...]) for state in layers])  # [layers, experts, ...]
+        np.testing.assert_array_equal(held, full[:, list(placement[e])])
     runner.traffic = []
     _run(engine, _requests(m.cfg)[:4])
     k = m.cfg.top_k
@@ -220,8 +221,8 @@ def test_rebalance_mid_run_moves_weights_and_keeps_outputs():
             placement = engine.rebalance(redundancy=2)
             assert engine.runner.placement != before
             assert sum(1 in node for node in placement.nodes) == 2  # the hot expert now has a replica per node
-            for node, state in zip(placement.nodes, engine.runner.expert_states):
-                assert state["w_gate_up"].shape[1] == len(node)  # the weights moved with the placement
+            for node, layers in zip(placement.nodes, engine.runner.expert_layers):
+                assert all(state["w_gate_up"].shape[1] == len(node) for state in layers)  # the weights moved
             engine.runner.traffic = []
         if step == 5:  # the hot expert's tokens went to both of its replicas
             rec = engine.runner.traffic[0]

@@ -14,7 +14,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
 from pallas_kernels.grouped_gemm import (GemmTiling, _grouped_matmul, _tile_schedule, default_tiling, grouped_ffn,
-                                         grouped_ffn_reference, grouped_gemm, grouped_gemm_reference)
+                                         grouped_ffn_reference, grouped_gemm, grouped_gemm_dense, grouped_gemm_reference)
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU: jax.devices()[0].platform != 'gpu'")
@@ -141,14 +141,16 @@ def test_kernel_lowers_for_hopper(rows, k, n_w, swiglu):
 
 # ---- the public API's choices ----------------------------------------------------------------------------------
 
-def test_auto_is_the_reference_without_a_gpu():
+def test_auto_is_the_cpu_fallback_without_a_gpu():
     if ON_GPU:
         pytest.skip("checks the CPU-only fallback; on a GPU auto takes the kernel (covered by the GPU variants)")
     x, w, gs = _inputs([3, 5], 10, k=128, n=256)
-    np.testing.assert_array_equal(grouped_gemm(x, w, gs), grouped_gemm_reference(x, w, gs))
-    x32 = x.astype(jnp.float32)
-    np.testing.assert_array_equal(grouped_gemm(x32, w.astype(jnp.float32), gs, interpret=True),  # f32: no kernel
-                                  grouped_gemm_reference(x32, w.astype(jnp.float32), gs))
+    np.testing.assert_array_equal(grouped_gemm(x, w, gs), grouped_gemm_dense(x, w, gs))  # the dense form on CPU
+    _assert_close(grouped_gemm(x, w, gs), grouped_gemm_reference(x, w, gs, preferred_element_type=jnp.float32),
+                  [3, 5])
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    np.testing.assert_array_equal(grouped_gemm(x32, w32, gs, interpret=True),  # f32: no kernel
+                                  grouped_gemm_dense(x32, w32, gs))
 
 
 def test_kernel_without_gpu_or_interpreter_is_refused():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import grouped_ffn_reference, grouped_gemm_reference, paged_gqa_decode_reference
+from pallas_kernels.grouped_gemm import grouped_gemm_dense
 
 
 def _numpy_decode(q, k_pages, v_pages, page_table, lengths, scale):
@@ -52,12 +53,13 @@ def _numpy_grouped(x, w, sizes):
     return out
 
 
+@pytest.mark.parametrize("gemm", [grouped_gemm_reference, grouped_gemm_dense])
 @pytest.mark.parametrize("sizes, rows", [([3, 0, 5, 1], 9), ([0, 0, 7, 0], 10), ([2, 2, 2, 2], 12), ([0, 0, 0, 0], 4)])
-def test_grouped_gemm_groups_and_padding(sizes, rows):
+def test_grouped_gemm_groups_and_padding(sizes, rows, gemm):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((rows, 6), np.float32)
     w = rng.standard_normal((4, 6, 5), np.float32)
-    got = np.asarray(grouped_gemm_reference(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32)))
+    got = np.asarray(gemm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32)))
     np.testing.assert_allclose(got, _numpy_grouped(x, w, sizes), rtol=1e-5, atol=1e-5)
     assert np.all(got[sum(sizes):] == 0)  # padding rows past the groups are zero
 

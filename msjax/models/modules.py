@@ -49,7 +49,16 @@ def _check_kernels(kernels: str) -> str:
     return kernels
 
 
+def _weight_index(weights: nnx.Param, layer):
+    """Where layer `layer`'s weights are: at `layer` in the stacked state, at 0 in a state that holds one layer
+    (`msjax.models.layer_states.split_layers`; the KV cache is still indexed by `layer`)."""
+    return 0 if weights.shape[0] == 1 else layer
+
+
 class AttentionRole(nnx.Module):
+    # the weights that are not per layer (no leading layer axis): see msjax.models.layer_states
+    SHARED_PARAMS = ("embed", "final_norm", "lm_head")
+
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, kernels: str = "auto"):
         self.cfg = cfg
         self.kernels = _check_kernels(kernels)  # static: "auto" = Pallas kernels on Hopper, references elsewhere
@@ -98,21 +107,22 @@ class AttentionRole(nnx.Module):
         combines with topk_weights [t, k] float32 into h.
         """
         cfg = self.cfg
+        wl = _weight_index(self.input_norm, layer)
         with jax.named_scope("attention"):
-            x = norm(h, self.input_norm[layer], cfg.norm_kind, cfg.norm_eps)
-            q, k, v = (jnp.dot(x, w[layer]) for w in (self.wq, self.wk, self.wv))
+            x = norm(h, self.input_norm[wl], cfg.norm_kind, cfg.norm_eps)
+            q, k, v = (jnp.dot(x, w[wl]) for w in (self.wq, self.wk, self.wv))
             if cfg.qkv_bias:
-                q, k, v = q + self.bq[layer], k + self.bk[layer], v + self.bv[layer]
+                q, k, v = q + self.bq[wl], k + self.bk[wl], v + self.bv[wl]
             if cfg.clip_qkv is not None and not cfg.clip_after_qk_norm:
                 q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
             if cfg.qk_norm == "full":
-                q, k = rms_norm(q, self.q_norm[layer], cfg.norm_eps), rms_norm(k, self.k_norm[layer], cfg.norm_eps)
+                q, k = rms_norm(q, self.q_norm[wl], cfg.norm_eps), rms_norm(k, self.k_norm[wl], cfg.norm_eps)
             tokens = h.shape[0]
             q = q.reshape(tokens, cfg.num_heads, cfg.head_dim)
             k = k.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
             if cfg.qk_norm == "head":
-                q, k = rms_norm(q, self.q_norm[layer], cfg.norm_eps), rms_norm(k, self.k_norm[layer], cfg.norm_eps)
+                q, k = rms_norm(q, self.q_norm[wl], cfg.norm_eps), rms_norm(k, self.k_norm[wl], cfg.norm_eps)
             if cfg.clip_qkv is not None and cfg.clip_after_qk_norm:
                 q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
             inv_freq, rope_scale = rope_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
@@ -121,19 +131,19 @@ class AttentionRole(nnx.Module):
             kv = kv.write(layer, batch.slots(kv.page_size), k, v)
             o = paged_attention(q, kv, layer, batch, scale=cfg.head_dim ** -0.5, decode=decode,
                                 kernels=self.kernels)
-            o = jnp.dot(o.reshape(tokens, -1), self.wo[layer])
+            o = jnp.dot(o.reshape(tokens, -1), self.wo[wl])
             if cfg.o_bias:
-                o = o + self.bo[layer]
+                o = o + self.bo[wl]
             h = h + o
         with jax.named_scope("router"):
-            x = norm(h, self.post_norm[layer], cfg.norm_kind, cfg.norm_eps)
-            router_logits = jnp.dot(x, self.router[layer], preferred_element_type=jnp.float32)
+            x = norm(h, self.post_norm[wl], cfg.norm_kind, cfg.norm_eps)
+            router_logits = jnp.dot(x, self.router[wl], preferred_element_type=jnp.float32)
             topk_ids, topk_weights = route(router_logits, cfg.top_k, cfg.topk_norm_p)
         if cfg.has_shared_expert:
             with jax.named_scope("shared_expert"):
-                shared = swiglu(x, self.shared_gate_up[layer], self.shared_down[layer])
+                shared = swiglu(x, self.shared_gate_up[wl], self.shared_down[wl])
                 if cfg.shared_expert_gated:
-                    shared = shared * jax.nn.sigmoid(jnp.dot(x, self.shared_gate[layer]))
+                    shared = shared * jax.nn.sigmoid(jnp.dot(x, self.shared_gate[wl]))
                 h = h + shared
         return h, x, topk_ids, topk_weights, kv
 
@@ -152,6 +162,7 @@ class ExpertRole(nnx.Module):
     def __call__(self, layer: jax.Array, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """SwiGLU experts over rows x [rows, hidden] sorted by local expert, group_sizes [local experts]."""
         with jax.named_scope("experts"):
-            return grouped_ffn(x, group_sizes, self.w_gate_up[layer], self.w_down[layer],
+            wl = _weight_index(self.w_down, layer)
+            return grouped_ffn(x, group_sizes, self.w_gate_up[wl], self.w_down[wl],
                                impl="kernel" if self.kernels == "interpret" else self.kernels,
                                interpret=self.kernels == "interpret")

@@ -66,21 +66,22 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
                                  DeploymentPlan(1, 1, 1, 1, 1), devices)
     put = runner.transport.send
     amesh, emesh = runner.attention_meshes[0], runner.expert_meshes[0]
+    layers_a, layers_e = runner.attention_layers[0], runner.expert_layers[0]  # [layer] -> that layer's weights
     out = {"batch": list(batches), "attention_s": [], "expert_s": [], "transfer_s": [], "step_fixed_s": []}
     rng = np.random.default_rng(0)
-    layers = [jnp.int32(layer) for layer in range(cfg.num_layers)]
+    layers = [(jnp.int32(layer), layers_a[layer], layers_e[layer]) for layer in range(cfg.num_layers)]
     for b in batches:
         table = np.arange(b * per_seq, dtype=np.int32).reshape(b, per_seq)
         batch = put(AttentionBatch(jnp.full(b, context - 1, jnp.int32), jnp.arange(b, dtype=jnp.int32),
                                    jnp.asarray(table)), amesh)
         h = put(jnp.asarray(rng.standard_normal((b, cfg.hidden_size)), model.dtype), amesh)
         layer = jnp.int32(0)
-        first = attention_step(runner.attention_def, runner.attention_states[0], layer, h, jnp.zeros_like(h),
+        first = attention_step(runner.attention_def, layers_a[0], layer, h, jnp.zeros_like(h),
                                batch, runner.kv[0], decode=True, routing=runner.routing)
         runner.kv[0] = first[-1]
         packets, orders, weights = first[1], first[2], first[4]
         received = put(packets[0], emesh)
-        returned = put(expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))[0], amesh)
+        returned = put(expert_step(runner.expert_defs[0], layers_e[0], layer, (received,))[0], amesh)
 
         # Each call moves on to the next layer, as a decode step does, so it reads that layer's weights from
         # memory and not from a cache the previous call warmed: repeating one layer made an expert layer half as
@@ -90,64 +91,126 @@ def measure_layer_times(model: MoEModel, batches: list[int], context: int, repea
 
         def attention():
             moe = combine_step((returned,), orders, weights)
-            result = attention_step(runner.attention_def, runner.attention_states[0], next(next_a), h, moe, batch,
+            index, weights_a, _ = next(next_a)
+            result = attention_step(runner.attention_def, weights_a, index, h, moe, batch,
                                     runner.kv[0], decode=True, routing=runner.routing)
             runner.kv[0] = result[-1]
             return result[0]
 
         if whole_step:
-            attention_s, expert_s = _whole_step_seconds(runner, h, batch, returned, orders, weights, received,
-                                                        repeats, chain)
+            attention_s, expert_s = _whole_step_seconds(runner, layers_a, layers_e, h, batch, returned, orders,
+                                                        weights, received, repeats, chain)
         else:
             attention_s = _median_seconds(attention, repeats, chain)
-            expert_s = _median_seconds(
-                lambda: expert_step(runner.expert_defs[0], runner.expert_states[0], next(next_e), (received,)),
-                repeats, chain)
+
+            def experts():
+                index, _, weights_e = next(next_e)
+                return expert_step(runner.expert_defs[0], weights_e, index, (received,))
+            expert_s = _median_seconds(experts, repeats, chain)
         out["attention_s"].append(attention_s)
         out["expert_s"].append(expert_s)
-        outputs = expert_step(runner.expert_defs[0], runner.expert_states[0], layer, (received,))
+        outputs = expert_step(runner.expert_defs[0], layers_e[0], layer, (received,))
         out["transfer_s"].append(_median_seconds(
             lambda: (put(packets[0], emesh), put(outputs[0], amesh)), repeats, chain) / 2)
         tokens = put(jnp.zeros(b, jnp.int32), amesh)
         zeros_f, zeros_i = put(jnp.zeros(b, jnp.float32), amesh), put(jnp.zeros(b, jnp.int32), amesh)
 
         def fixed():
-            h0 = embed_step(runner.attention_def, runner.attention_states[0], tokens)
-            return head_step(runner.attention_def, runner.attention_states[0], h0, h0, jnp.arange(b), zeros_f,
+            h0 = embed_step(runner.attention_def, layers_a[0], tokens)
+            return head_step(runner.attention_def, layers_a[0], h0, h0, jnp.arange(b), zeros_f,
                              zeros_f + 1, zeros_i, zeros_i.astype(jnp.uint32), zeros_i, num_logprobs=0)
 
         out["step_fixed_s"].append(_median_seconds(fixed, repeats, chain))
     return out
 
 
-def _whole_step_seconds(runner, h, batch, returned, orders, weights, received, repeats: int, chain: int):
+def _whole_step_seconds(runner, layers_a, layers_e, h, batch, returned, orders, weights, received, repeats: int,
+                        chain: int):
     """(attention, expert) seconds per layer when one program runs every layer, each layer's input the previous
     layer's output (as in a step): attention with its combine on the attention device, the experts on theirs."""
     from msjax.runtime.disaggregated import attention_step, combine_step, expert_step
     num_layers = runner.cfg.num_layers
 
-    def attention_layers(state, h, kv):
+    def attention_layers(layers, h, kv):
         for layer in range(num_layers):
             moe = combine_step((returned,), orders, weights)
-            h, *_, kv = attention_step(runner.attention_def, state, layer, h, moe, batch, kv, decode=True,
+            h, *_, kv = attention_step(runner.attention_def, layers[layer], layer, h, moe, batch, kv, decode=True,
                                        routing=runner.routing)
         return h, kv
 
-    def expert_layers(state, packet):
+    def expert_layers(layers, packet):
         rows = packet.rows  # [capacity, hidden]: each layer's output is the next layer's rows
         for layer in range(num_layers):
-            rows = expert_step(runner.expert_defs[0], state, layer, (dataclasses.replace(packet, rows=rows),))[0]
+            rows = expert_step(runner.expert_defs[0], layers[layer], layer,
+                               (dataclasses.replace(packet, rows=rows),))[0]
         return rows
 
     attention_program = jax.jit(attention_layers, donate_argnums=2)
     expert_program = jax.jit(expert_layers)
 
     def attention():
-        out, runner.kv[0] = attention_program(runner.attention_states[0], h, runner.kv[0])
+        out, runner.kv[0] = attention_program(layers_a, h, runner.kv[0])
         return out
 
     return (_median_seconds(attention, repeats, chain) / num_layers,
-            _median_seconds(lambda: expert_program(runner.expert_states[0], received), repeats, chain) / num_layers)
+            _median_seconds(lambda: expert_program(layers_e, received), repeats, chain) / num_layers)
+
+
+def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repeats: int = 10,
+                           seed: int = 0) -> list[float]:
+    """T_e as the expert node of the multi-process runtime runs it: that node's own step program
+    (`expert_worker.StepPrograms`, m2n receives and sends included) for a step of m micro-batches of b
+    sequences, for each (b, m) of `points`, with the attention node replaced by a loopback: each step's packets
+    (every layer, every micro-batch) sent ahead into a shared-memory ring deep enough to hold them all, the
+    outputs collected after it. One node holding every expert, one attention node; rows routed uniformly over
+    the experts. -> seconds per (layer, micro-batch), median over `repeats` steps.
+
+    Per-call timing (`measure_layer_times`) runs one expert layer per program call; the node runs every layer
+    and micro-batch of a step in one program, which XLA compiles and schedules differently, and on this
+    project's CPU the two disagreed by up to 18% when the expert node bounded the pipeline."""
+    import uuid
+
+    from msjax.comm import native
+    from msjax.models.layer_states import split_layers
+    from msjax.runtime import multiprocess as mp
+    from msjax.runtime.expert_worker import StepPrograms
+    cfg = model.cfg
+    dtype = jnp.dtype(model.dtype)
+    graphdef, layers = model.expert_def, split_layers(model.expert_state, cfg.num_layers)
+    rng = np.random.default_rng(seed)
+    out = []
+    for b, m in points:
+        cap = b * cfg.top_k
+        messages = cfg.num_layers * m
+        channel = f"profile{uuid.uuid4().hex[:10]}"
+        dispatch_bytes = cap * mp.row_bytes(cfg.hidden_size, dtype)
+        back_bytes = cap * cfg.hidden_size * dtype.itemsize
+        with native.Receiver("shm", f"{channel}-d", 0, 1, dispatch_bytes, depth=messages) as rx, \
+                native.Receiver("shm", f"{channel}-b", 0, 1, back_bytes, depth=messages) as back_rx, \
+                native.Sender("shm", [rx.address], 0, dispatch_bytes) as tx, \
+                native.Sender("shm", [back_rx.address], 0, back_bytes) as back:
+            programs = StepPrograms(cfg, graphdef, tuple(range(cfg.num_experts)), rx, back, dtype)
+            program = programs((((0, cap),),) * m)
+            rows = jnp.asarray(rng.standard_normal((cap, cfg.hidden_size)), dtype)
+            ids = jnp.asarray(rng.integers(0, cfg.num_experts, cap), jnp.int32)
+            packet = np.asarray(mp.pack_rows(rows, ids))  # uint8 [cap, row bytes]: every row valid
+            returned = np.empty(back_bytes, np.uint8)
+            token = jnp.zeros((), jnp.int32)
+            times = []
+            for r in range(repeats + 1):  # the first compiles
+                for layer in range(cfg.num_layers):
+                    for i in range(m):
+                        tx.send(0, packet, layer=layer, micro_batch=i)
+                t0 = time.perf_counter()
+                token = program(layers, token)
+                token.block_until_ready()
+                if r:
+                    times.append(time.perf_counter() - t0)
+                for layer in range(cfg.num_layers):
+                    for i in range(m):
+                        back_rx.recv_into(returned, 0, layer=layer, micro_batch=i)
+        out.append(statistics.median(times) / messages)
+    return out
 
 
 class _NoDeviceRunner:
@@ -330,6 +393,6 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
     return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
 
 
-__all__ = ["fit", "interpolate", "MeasuredCost", "measure_host_seconds", "measure_layer_times",
-           "predicted_step_seconds", "profile_toml", "time_decode_step_variants", "time_decode_steps",
-           "traced_host_seconds", "ModelConfig"]
+__all__ = ["fit", "interpolate", "MeasuredCost", "measure_expert_program", "measure_host_seconds",
+           "measure_layer_times", "predicted_step_seconds", "profile_toml", "time_decode_step_variants",
+           "time_decode_steps", "traced_host_seconds", "ModelConfig"]

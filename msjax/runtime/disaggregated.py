@@ -28,7 +28,8 @@ from msjax.config import DeploymentPlan, EngineConfig
 from msjax.engine.batch import StepBatch
 from msjax.kv_cache import AttentionBatch, KVCache
 from msjax.models import sharding
-from msjax.models.modules import ExpertRole
+from msjax.models.layer_states import split_layers
+from msjax.models.modules import AttentionRole, ExpertRole
 from msjax.models.programs import MoEModel
 from msjax.runtime.sampler import Sampled, sample
 
@@ -127,8 +128,11 @@ class DisaggregatedRunner:
         self.model = model  # host-side source of expert weights for (re)placement
         self.transport = transport_for(plan)
         self.attention_def = model.attention_def
-        self.attention_states = [sharding.shard_state(model.attention_state, sharding.ATTENTION_TP_RULES, mesh)
-                                 for mesh in self.attention_meshes]
+        # each layer's weights as their own arrays (`split_layers`): a program given a stacked array and a layer
+        # index copies that layer's weights out of it first, on every call
+        self.attention_layers = [
+            split_layers(sharding.shard_state(model.attention_state, sharding.ATTENTION_TP_RULES, mesh),
+                         model.cfg.num_layers, AttentionRole.SHARED_PARAMS) for mesh in self.attention_meshes]
         self.set_placement(plan.expert_placement(model.cfg.num_experts))
         # [num_experts] tokens routed per expert since the last read, one counter per attention node on its
         # devices (an add there per layer, no transfer)
@@ -149,11 +153,12 @@ class DisaggregatedRunner:
             raise ValueError(f"placement lists {len(placement)} nodes, the plan has {len(self.expert_meshes)}")
         self.placement = tuple(tuple(node) for node in placement)
         self.routing = Routing.from_placement(self.placement, self.cfg.num_experts, shares)
-        self.expert_defs, self.expert_states = [], []
+        self.expert_defs, self.expert_layers = [], []  # expert_layers[e][l]: node e's weights of layer l
         for experts, mesh in zip(self.placement, self.expert_meshes):
             graphdef, state = expert_subset(self.model, experts)
             self.expert_defs.append(graphdef)
-            self.expert_states.append(sharding.shard_state(state, sharding.EXPERT_TP_RULES, mesh))
+            self.expert_layers.append(split_layers(sharding.shard_state(state, sharding.EXPERT_TP_RULES, mesh),
+                                                   self.cfg.num_layers))
 
     def read_expert_load(self) -> np.ndarray:
         """Tokens routed to each expert (summed over layers) since the last read; one host sync."""
@@ -176,7 +181,7 @@ class DisaggregatedRunner:
         for a, i, b in work:
             mesh = self.attention_meshes[a]
             inputs = put((b.tokens, AttentionBatch(b.positions, b.seq_ids, b.page_table)), mesh)
-            h = embed_step(self.attention_def, self.attention_states[a], inputs[0])
+            h = embed_step(self.attention_def, self.attention_layers[a][0], inputs[0])
             state[a, i] = (h, jnp.zeros_like(h))
             meta[a, i] = (inputs[1], b.decode)
         rounds = max(len(node) for node in batches)
@@ -190,7 +195,7 @@ class DisaggregatedRunner:
                     batch, decode = meta[a, i]
                     self._log("attention_step", "attention", a, layer, i)
                     h, packets, orders, topk_ids, weights, load, self.kv[a] = attention_step(
-                        self.attention_def, self.attention_states[a], layer_index, h, moe, batch, self.kv[a],
+                        self.attention_def, self.attention_layers[a][layer], layer_index, h, moe, batch, self.kv[a],
                         decode=decode, routing=self.routing)
                     sent[a] = (h, packets, orders, weights)
                     self._loads[a] = self._loads[a] + load
@@ -202,7 +207,7 @@ class DisaggregatedRunner:
                 for e, mesh in enumerate(self.expert_meshes):  # experts of micro-batch i
                     received = tuple(put(sent[a][1][e], mesh) for a in active)
                     self._log("expert_step", "experts", e, layer, i)
-                    outs = expert_step(self.expert_defs[e], self.expert_states[e], layer_index, received)
+                    outs = expert_step(self.expert_defs[e], self.expert_layers[e][layer], layer_index, received)
                     for a, out in zip(active, outs):
                         outputs[a, e] = out
                 for a in active:  # combine on the attention node
@@ -211,4 +216,4 @@ class DisaggregatedRunner:
                     back = tuple(put(outputs[a, e], mesh) for e in range(len(self.expert_meshes)))
                     self._log("combine_step", "attention", a, layer, i)
                     state[a, i] = (h, combine_step(back, orders, weights))
-        return sample_heads(self.attention_def, self.attention_states, batches, state)
+        return sample_heads(self.attention_def, [layers[0] for layers in self.attention_layers], batches, state)

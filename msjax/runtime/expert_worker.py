@@ -69,10 +69,8 @@ def serve(spec: dict, parent: int) -> int:
     from jax._src.lib import _jax
 
     from msjax.comm import native
-    from msjax.comm.m2n import Packet
+    from msjax.models.layer_states import split_layers
     from msjax.models.modules import ExpertRole
-    from msjax.runtime import multiprocess as mp
-    from msjax.runtime.disaggregated import expert_step
 
     node, n_a, transport = spec["node"], spec["attention_nodes"], spec["transport"]
     cfg, expert_ids = spec["config"], tuple(spec["expert_ids"])
@@ -80,7 +78,8 @@ def serve(spec: dict, parent: int) -> int:
 
     # -- weights: only this node's experts --
     def load_experts(ids: tuple[int, ...], leaves=None):
-        """(graphdef, state) of experts `ids`: from the checkpoint, else from `leaves` (arrays in tree order)."""
+        """(graphdef, per-layer states) of experts `ids`: from the checkpoint, else from `leaves` (arrays in tree
+        order)."""
         if spec.get("checkpoint"):
             from msjax.checkpoint import load_expert_role
             module = load_expert_role(spec["checkpoint"], cfg, expert_ids=ids, dtype=dtype)
@@ -93,9 +92,10 @@ def serve(spec: dict, parent: int) -> int:
             module = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]))
         if spec.get("kernels"):
             module.kernels = spec["kernels"]
-        return nnx.split(module)
+        graphdef, state = nnx.split(module)
+        return graphdef, split_layers(state, cfg.num_layers)  # each layer's weights its own arrays
 
-    graphdef, state = load_experts(expert_ids, spec.get("leaves"))
+    graphdef, layers = load_experts(expert_ids, spec.get("leaves"))
 
     # -- rendezvous through JAX's coordination service (key-value store) --
     errors = []
@@ -117,34 +117,7 @@ def serve(spec: dict, parent: int) -> int:
     except Exception:  # the engine may have closed the service already: rendezvous is over either way
         pass
 
-    hidden = cfg.hidden_size
-    programs = {}
-
-    def program(rounds: tuple[tuple[tuple[int, int], ...], ...]):
-        """A whole step as one program: for every layer and round (micro-batch), receive from each (attention
-        node, capacity) of the round, run the experts, send back. One host call per step (as on the attention
-        side); every m2n call is chained to the previous one through `token`, so XLA keeps the channel order."""
-        if rounds not in programs:
-            def step(state, token):
-                for layer in range(cfg.num_layers):
-                    for i, caps in enumerate(rounds):
-                        packets = []
-                        likes = [jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8)
-                                 for _, cap in caps]
-                        bufs, counts = native.m2n_recv_all(rx, senders=[a for a, _ in caps], likes=likes,
-                                                           layer=layer, micro_batch=i, after=token)
-                        token = counts[-1]
-                        for j, ((_, cap), buf) in enumerate(zip(caps, bufs)):
-                            rows, ids = mp.unpack_rows(buf, hidden, dtype)
-                            ids = jnp.where(jnp.arange(cap) < counts[j], ids, len(expert_ids))  # padding: no expert
-                            packets.append(Packet(rows=rows, expert_ids=ids, count=counts[j]))
-                        outs = expert_step(graphdef, state, layer, tuple(packets))
-                        for (a, _), out, p in zip(caps, outs, packets):
-                            token = native.m2n_send(out, p.count, back, receiver=a, layer=layer, micro_batch=i,
-                                                    after=token)
-                return token
-            programs[rounds] = jax.jit(step)
-        return programs[rounds]
+    programs = StepPrograms(cfg, graphdef, expert_ids, rx, back, dtype)
 
     token = jnp.zeros((), jnp.int32)
     _log(f"node {node} ready with experts {list(expert_ids)} over {transport}")
@@ -168,9 +141,9 @@ def serve(spec: dict, parent: int) -> int:
                     with open(msg["leaves"], "rb") as f:
                         leaves = pickle.load(f)
                     os.unlink(msg["leaves"])
-                graphdef, state = load_experts(ids, leaves)
+                graphdef, layers = load_experts(ids, leaves)
                 expert_ids = ids
-                programs.clear()
+                programs = StepPrograms(cfg, graphdef, expert_ids, rx, back, dtype)
                 _log(f"node {node} now holds experts {list(expert_ids)}")
             except Exception as err:  # noqa: BLE001 - reported to the engine; this node keeps its experts
                 reply = {"error": f"{type(err).__name__}: {err}"}
@@ -178,12 +151,63 @@ def serve(spec: dict, parent: int) -> int:
             back.send(0, json.dumps(reply).encode(), layer=cfg.num_layers, micro_batch=0)
             continue
         rounds = tuple(tuple((int(a), int(c)) for a, c in r) for r in msg["rounds"])
-        token = program(rounds)(state, token)
+        token = programs(rounds)(layers, token)
         token.block_until_ready()  # the next control message must not overtake this step's receives
     rx.close()
     back.close()
     _log("stopped")
     return 0
+
+
+class StepPrograms:
+    """The expert node's jitted step programs, one per step shape: `programs(rounds)(layers, token) -> token`,
+    `layers` the node's weights one state per layer (`msjax.models.layer_states.split_layers`).
+    `rounds[i]` lists the (attention node, packet capacity) pairs that send in round (micro-batch) i. A program
+    runs a whole step: for every layer and round, receive from each of the round's attention nodes
+    (`m2n_recv_all` on `rx`), run the experts, send each attention node its outputs (`m2n_send` on `back`). One
+    host call per step (as on the attention side); every m2n call is chained to the previous one through the
+    token, so XLA keeps the channels' order. The profiler times these same programs over a loopback
+    (`msjax.planner.profiler.measure_expert_program`)."""
+
+    def __init__(self, cfg, graphdef, expert_ids: tuple[int, ...], rx, back, dtype):
+        self.cfg, self.graphdef, self.expert_ids = cfg, graphdef, tuple(expert_ids)
+        self.rx, self.back, self.dtype = rx, back, dtype
+        self._programs: dict = {}
+
+    def __call__(self, rounds: tuple[tuple[tuple[int, int], ...], ...]):
+        if rounds not in self._programs:
+            self._programs[rounds] = self._build(rounds)
+        return self._programs[rounds]
+
+    def _build(self, rounds):
+        import jax
+        import jax.numpy as jnp
+
+        from msjax.comm import native
+        from msjax.comm.m2n import Packet
+        from msjax.runtime import multiprocess as mp
+        from msjax.runtime.disaggregated import expert_step
+        cfg, graphdef, rx, back, dtype = self.cfg, self.graphdef, self.rx, self.back, self.dtype
+        hidden, num_local = cfg.hidden_size, len(self.expert_ids)
+
+        def step(layers, token):
+            for layer in range(cfg.num_layers):
+                for i, caps in enumerate(rounds):
+                    packets = []
+                    likes = [jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8) for _, cap in caps]
+                    bufs, counts = native.m2n_recv_all(rx, senders=[a for a, _ in caps], likes=likes, layer=layer,
+                                                       micro_batch=i, after=token)
+                    token = counts[-1]
+                    for j, ((_, cap), buf) in enumerate(zip(caps, bufs)):
+                        rows, ids = mp.unpack_rows(buf, hidden, dtype)
+                        ids = jnp.where(jnp.arange(cap) < counts[j], ids, num_local)  # padding: no expert
+                        packets.append(Packet(rows=rows, expert_ids=ids, count=counts[j]))
+                    outs = expert_step(graphdef, layers[layer], layer, tuple(packets))
+                    for (a, _), out, p in zip(caps, outs, packets):
+                        token = native.m2n_send(out, p.count, back, receiver=a, layer=layer, micro_batch=i,
+                                                after=token)
+            return token
+        return jax.jit(step)
 
 
 if __name__ == "__main__":

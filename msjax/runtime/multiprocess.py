@@ -48,6 +48,8 @@ from msjax.config import DeploymentPlan, EngineConfig
 from msjax.engine.batch import StepBatch
 from msjax.errors import ConfigError
 from msjax.kv_cache import AttentionBatch, KVCache
+from msjax.models.layer_states import split_layers
+from msjax.models.modules import AttentionRole
 from msjax.models.programs import MoEModel
 from msjax.runtime.disaggregated import attention_step, combine_step, embed_step, expert_subset, head_step
 from msjax.runtime.sampler import Sampled
@@ -184,7 +186,10 @@ class MultiProcessRunner:
 
         # attention side state, as DisaggregatedRunner, one device per node
         self.attention_def = model.attention_def
-        self.attention_states = [jax.device_put(model.attention_state, d) for d in self.devices]
+        # each layer's weights as their own arrays (split_layers): the step program runs every layer, and slicing
+        # a stacked array inside it made XLA copy each layer's weights
+        self.attention_layers = [split_layers(jax.device_put(model.attention_state, d), mcfg.num_layers,
+                                              AttentionRole.SHARED_PARAMS) for d in self.devices]
         ec = self.engine_config
         self.kv = [jax.device_put(KVCache.create(mcfg, ec.num_pages, ec.page_size, dtype=model.dtype), d)
                    for d in self.devices]
@@ -336,12 +341,13 @@ class MultiProcessRunner:
         send, recv = self._send_body(a), self._recv_body(a)
         num_layers = self.cfg.num_layers
 
-        def step(graphdef, state, inputs, kv, token, load_total, *, layouts, decodes, num_logprobs, routing):
+        def step(graphdef, layers, inputs, kv, token, load_total, *, layouts, decodes, num_logprobs, routing):
+            # layers[l]: the node's weights for layer l (the shared ones, embeddings and LM head, in each)
             # inputs[i] = (int32 [...], float32 [2 s_i]) as packed by pack_step_inputs; unpacked, inputs[i] =
             # (tokens [t_i], AttentionBatch, logit_rows, temperature, top_p, top_k, seeds, steps)
             inputs = tuple(unpack_step_inputs(ints, floats, layout) for (ints, floats), layout in zip(inputs, layouts))
             m = len(inputs)
-            h = [embed_step(graphdef, state, x[0]) for x in inputs]  # [t_i, hidden] each
+            h = [embed_step(graphdef, layers[0], x[0]) for x in inputs]  # [t_i, hidden] each
             moe = [jnp.zeros_like(x) for x in h]
             sent = [None] * m  # (orders, weights) of the last send of each micro-batch
             for layer in range(num_layers):
@@ -352,7 +358,7 @@ class MultiProcessRunner:
                         # every layer-0 attention first and hold the sends back, idling the expert nodes
                         h[i], token = jax.lax.optimization_barrier((h[i], token))
                     h[i], orders, weights, load_total, kv, token = send(
-                        graphdef, state, layer, i, h[i], moe[i], inputs[i][1], kv, token, load_total,
+                        graphdef, layers[layer], layer, i, h[i], moe[i], inputs[i][1], kv, token, load_total,
                         decode=decodes[i], routing=routing)
                     # the next micro-batch writes the cache only after this one's attention has read it: without
                     # the order XLA may schedule that write first and copy the whole cache to keep this read
@@ -361,7 +367,7 @@ class MultiProcessRunner:
             sampled = []
             for i in range(m):  # micro-batch i's LM head and sampling while the experts finish micro-batch i+1
                 moe[i], token = recv(num_layers - 1, i, *sent[i], token)
-                out = head_step(graphdef, state, h[i], moe[i], *inputs[i][2:], num_logprobs=num_logprobs[i])
+                out = head_step(graphdef, layers[0], h[i], moe[i], *inputs[i][2:], num_logprobs=num_logprobs[i])
                 out, token = jax.lax.optimization_barrier((out, token))  # before the next receive
                 sampled.append(out)
             return tuple(sampled), kv, token, load_total
@@ -385,7 +391,7 @@ class MultiProcessRunner:
     def lower_attention(self, node: list[StepBatch], a: int = 0, *, compiled: bool = False) -> str:
         """HLO text of attention node a's step program for the micro-batches `node` (it holds the custom calls):
         as lowered, or with `compiled` as XLA scheduled it (the order the node runs it in)."""
-        lowered = self._step_program(a).lower(self.attention_def, self.attention_states[a], kv=self.kv[a],
+        lowered = self._step_program(a).lower(self.attention_def, self.attention_layers[a], kv=self.kv[a],
                                               token=self._tokens[a], load_total=self._loads[a],
                                               **self._step_args(a, node))
         return lowered.compile().as_text() if compiled else lowered.as_text()
@@ -494,7 +500,7 @@ class MultiProcessRunner:
                 sampled.append(())
                 continue
             out, self.kv[a], self._tokens[a], self._loads[a] = self._step_program(a)(
-                self.attention_def, self.attention_states[a], kv=self.kv[a], token=self._tokens[a],
+                self.attention_def, self.attention_layers[a], kv=self.kv[a], token=self._tokens[a],
                 load_total=self._loads[a], **self._step_args(a, node))
             sampled.append(out)
         return [list(x) for x in jax.tree.map(np.asarray, sampled)]  # the step's one sync
