@@ -35,8 +35,8 @@ from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import decode_bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
-from msjax.planner.profiler import (interpolate, measure_layer_times, predicted_step_seconds,  # noqa: E402
-                                   time_decode_step_variants, traced_host_seconds)
+from msjax.planner.profiler import (interpolate, measure_expert_program, measure_layer_times,  # noqa: E402
+                                   predicted_step_seconds, time_decode_step_variants, traced_host_seconds)
 from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
 
 
@@ -129,6 +129,10 @@ def main():
     parser.add_argument("--whole-step-profile", action="store_true",
                         help="profile T_a, T_e with one program over every layer (as the nodes run a step) "
                              "instead of one call per layer")
+    parser.add_argument("--expert-program-profile", action="store_true",
+                        help="profile T_e with the expert node's own step program (m2n calls included, the "
+                             "attention node replaced by a loopback: measure_expert_program) at each m's "
+                             "micro-batch, instead of one expert call per layer")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs, each a fresh pair of processes timing every m in turn; the table gives their "
                              "median and each run")
@@ -145,9 +149,13 @@ def main():
         """T_a, T_e, T_c, T_o on one core (this process is pinned): one program call per layer, back to back, or
         with --whole-step-profile one program over every layer; at the context and page-table width of the
         timed steps (the XLA:CPU attention reads the whole table)."""
-        return interpolate(measure_layer_times(model, sorted(set(sizes.values())),
-                                               timed_context(args.context, args.steps, len(ms)), chain=8,
-                                               whole_step=args.whole_step_profile, max_model_len=max_model_len))
+        measured = measure_layer_times(model, sorted(set(sizes.values())),
+                                       timed_context(args.context, args.steps, len(ms)), chain=8,
+                                       whole_step=args.whole_step_profile, max_model_len=max_model_len)
+        if args.expert_program_profile:
+            points = {sizes[m]: m for m in ms}  # micro-batch size -> the m that runs it
+            measured["expert_s"] = measure_expert_program(model, [(b, points[b]) for b in measured["batch"]])
+        return interpolate(measured)
 
     # per run: (step s, attention busy, experts busy, T_host s, predicted s, drift)
     runs = {m: [] for m in ms}
@@ -191,6 +199,9 @@ def main():
     c = model_cfg
     t_a, t_e, t_c, t_o = profiles[0]
     how_profiled = "one program over every layer" if args.whole_step_profile else "one call per layer"
+    if args.expert_program_profile:
+        how_profiled += ("; T_e from the expert node's own step program over a loopback, at each m's micro-batch "
+                         "with m micro-batches per layer")
     notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
@@ -202,7 +213,7 @@ def main():
              f"busy is near 100% and says little). "
              f"XLA:CPU single-threaded in both processes (one core each). "
              f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
-             f"ping-pong order). "
+             f"ping-pong order), each layer's weights given to it as their own arrays (split_layers). "
              f"Each run profiled on one core right before and right after it ({how_profiled}, at the timed "
              f"steps' mean context {timed_context(args.context, args.steps, len(ms))} and page-table width); "
              f"the prediction is the mean of the two profiles' and the drift column how far the after-profile's "
@@ -220,6 +231,7 @@ def main():
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
     name += "" if args.layers == BALANCED.num_layers else f"-{args.layers}layers"
     name += "-whole-step-profile" if args.whole_step_profile else ""
+    name += "-expert-program-profile" if args.expert_program_profile else ""
     path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
                                                    ("step_ms", "decode step (ms)"), ("spread_ms", "runs (ms)"),
                                                    ("busy_attention", "attention busy"),
