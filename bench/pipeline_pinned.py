@@ -35,8 +35,9 @@ from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import decode_bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
-from msjax.planner.profiler import (interpolate, measure_expert_program, measure_layer_times,  # noqa: E402
-                                   predicted_step_seconds, time_decode_step_variants, traced_host_seconds)
+from msjax.planner.profiler import (interpolate, measure_attention_program, measure_expert_program,  # noqa: E402
+                                   measure_layer_times, predicted_step_seconds, time_decode_step_variants,
+                                   traced_host_seconds)
 from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
 
 
@@ -133,6 +134,11 @@ def main():
                         help="profile T_e with the expert node's own step program (m2n calls included, the "
                              "attention node replaced by a loopback: measure_expert_program) at each m's "
                              "micro-batch, instead of one expert call per layer")
+    parser.add_argument("--program-profiles", action="store_true",
+                        help="profile both nodes with their own step programs over a loopback "
+                             "(measure_attention_program, measure_expert_program) at each m's micro-batch: T_a "
+                             "per (layer, micro-batch) = (the attention step - m x T_o) / (layers x m), T_c = 0 "
+                             "(the M2N copies run inside the programs)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs, each a fresh pair of processes timing every m in turn; the table gives their "
                              "median and each run")
@@ -152,9 +158,15 @@ def main():
         measured = measure_layer_times(model, sorted(set(sizes.values())),
                                        timed_context(args.context, args.steps, len(ms)), chain=8,
                                        whole_step=args.whole_step_profile, max_model_len=max_model_len)
-        if args.expert_program_profile:
-            points = {sizes[m]: m for m in ms}  # micro-batch size -> the m that runs it
-            measured["expert_s"] = measure_expert_program(model, [(b, points[b]) for b in measured["batch"]])
+        points = [(b, {sizes[m]: m for m in ms}[b]) for b in measured["batch"]]  # (micro-batch, the m running it)
+        if args.expert_program_profile or args.program_profiles:
+            measured["expert_s"] = measure_expert_program(model, points)
+        if args.program_profiles:
+            steps = measure_attention_program(model, points, timed_context(args.context, args.steps, len(ms)),
+                                              max_model_len=max_model_len)
+            measured["attention_s"] = [(step - m * t_o) / (model_cfg.num_layers * m)
+                                       for step, (_, m), t_o in zip(steps, points, measured["step_fixed_s"])]
+            measured["transfer_s"] = [0.0] * len(points)
         return interpolate(measured)
 
     # per run: (step s, attention busy, experts busy, T_host s, predicted s, drift)
@@ -202,6 +214,11 @@ def main():
     if args.expert_program_profile:
         how_profiled += ("; T_e from the expert node's own step program over a loopback, at each m's micro-batch "
                          "with m micro-batches per layer")
+    if args.program_profiles:
+        how_profiled = ("T_a and T_e from each node's own step program over a loopback (measure_attention_program, "
+                        "measure_expert_program) at each m's micro-batch with m micro-batches per layer, T_a = "
+                        "(attention step - m x T_o) / (layers x m), T_c = 0: the M2N copies run inside the programs; "
+                        "T_o one call per micro-batch")
     notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
@@ -232,6 +249,7 @@ def main():
     name += "" if args.layers == BALANCED.num_layers else f"-{args.layers}layers"
     name += "-whole-step-profile" if args.whole_step_profile else ""
     name += "-expert-program-profile" if args.expert_program_profile else ""
+    name += "-program-profiles" if args.program_profiles else ""
     path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
                                                    ("step_ms", "decode step (ms)"), ("spread_ms", "runs (ms)"),
                                                    ("busy_attention", "attention busy"),

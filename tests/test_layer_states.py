@@ -85,14 +85,3 @@ def test_the_expert_node_program_holds_no_copy_of_a_layers_weights():
         compiled = program.lower(layers, jnp.zeros((), jnp.int32)).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes
 
-
-@pytest.mark.skipif(not native.is_built(), reason="native M2N library not built")
-def test_the_profiler_times_the_expert_node_program_over_a_loopback(model):
-    """`measure_expert_program` runs the worker's own step program with every packet sent ahead and collects
-    every output after (a message out of order or left behind would time out or fail the next step)."""
-    from pathlib import Path
-
-    from msjax.planner.profiler import measure_expert_program
-    seconds = measure_expert_program(model, [(4, 2), (8, 1)], repeats=2)
-    assert len(seconds) == 2 and all(0 < s < 1 for s in seconds)
-    assert not list(Path("/dev/shm").glob("msjax-m2n-profile*"))  # the loopback's segments are gone

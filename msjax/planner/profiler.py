@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from msjax.config import DeploymentPlan, EngineConfig, ModelConfig
-from msjax.kv_cache import AttentionBatch
+from msjax.kv_cache import AttentionBatch, KVCache
+from msjax.models.layer_states import split_layers
+from msjax.models.modules import AttentionRole
 from msjax.models.programs import MoEModel
 from msjax.planner.profile import fit_linear
 
@@ -171,7 +173,6 @@ def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repea
     import uuid
 
     from msjax.comm import native
-    from msjax.models.layer_states import split_layers
     from msjax.runtime import multiprocess as mp
     from msjax.runtime.expert_worker import StepPrograms
     cfg = model.cfg
@@ -210,6 +211,69 @@ def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repea
                     for i in range(m):
                         back_rx.recv_into(returned, 0, layer=layer, micro_batch=i)
         out.append(statistics.median(times) / messages)
+    return out
+
+
+def measure_attention_program(model: MoEModel, points: list[tuple[int, int]], context: int,
+                              max_model_len: int | None = None, repeats: int = 10) -> list[float]:
+    """Seconds of one decode step of the attention node as the multi-process runtime runs it: the node's own
+    step program (`AttentionStepProgram`: embeddings, every layer's attention with its m2n sends and receives and
+    combines, LM heads, sampling) for m micro-batches of b sequences at `context`, for each (b, m) of `points`,
+    with the expert node replaced by a loopback: every (layer, micro-batch)'s expert outputs sent ahead into a
+    shared-memory ring, the packets collected after. One expert node holding every expert; `max_model_len`
+    sets the page-table width as in `measure_layer_times`. -> seconds per step, median over `repeats`."""
+    import uuid
+
+    from msjax.comm import native
+    from msjax.comm.m2n import Routing
+    from msjax.engine.batch import StepBatch
+    from msjax.runtime import multiprocess as mp
+    cfg = model.cfg
+    dtype = jnp.dtype(model.dtype)
+    page_size = 16
+    per_seq = -(-max(max_model_len or 0, context + page_size) // page_size)  # the engine's page-table width
+    layers = split_layers(model.attention_state, cfg.num_layers, AttentionRole.SHARED_PARAMS)
+    routing = Routing.from_placement((tuple(range(cfg.num_experts)),), cfg.num_experts)
+    device = jax.devices()[0]
+    out = []
+    for b, m in points:
+        cap = b * cfg.top_k  # every row of the micro-batch goes to the one expert node
+        messages = cfg.num_layers * m
+        channel = f"profile{uuid.uuid4().hex[:10]}"
+        dispatch_bytes = cap * mp.row_bytes(cfg.hidden_size, dtype)
+        outputs = np.zeros((cap, cfg.hidden_size), dtype)  # what the expert node would return
+        node = [StepBatch(decode=True, num_logprobs=0, tokens=np.zeros(b, np.int32),
+                          positions=np.full(b, context - 1, np.int32), seq_ids=np.arange(b, dtype=np.int32),
+                          page_table=np.arange(i * b * per_seq, (i + 1) * b * per_seq, dtype=np.int32)
+                          .reshape(b, per_seq), logit_rows=np.arange(b, dtype=np.int32),
+                          temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32),
+                          top_k=np.zeros(b, np.int32), seeds=np.zeros(b, np.uint32), steps=np.zeros(b, np.int32))
+                for i in range(m)]
+        args = mp.step_args(node, device, routing)
+        kv = KVCache.create(cfg, m * b * per_seq, page_size, dtype=model.dtype)
+        load = jnp.zeros(cfg.num_experts, jnp.int32)
+        token = jnp.zeros((), jnp.int32)
+        with native.Receiver("shm", f"{channel}-d", 0, 1, dispatch_bytes, depth=messages) as rx, \
+                native.Receiver("shm", f"{channel}-b", 0, 1, outputs.nbytes, depth=messages) as back, \
+                native.Sender("shm", [rx.address], 0, dispatch_bytes) as tx, \
+                native.Sender("shm", [back.address], 0, outputs.nbytes) as expert:
+            program = mp.AttentionStepProgram(cfg, tx, back, dtype)
+            packet = np.empty(dispatch_bytes, np.uint8)
+            times = []
+            for r in range(repeats + 1):  # the first compiles
+                for layer in range(cfg.num_layers):  # in the order the program receives them
+                    for i in range(m):
+                        expert.send(0, outputs, layer=layer, micro_batch=i)
+                t0 = time.perf_counter()
+                sampled, kv, token, load = program.jitted(model.attention_def, layers, kv=kv, token=token,
+                                                          load_total=load, **args)
+                jax.block_until_ready(sampled)
+                if r:
+                    times.append(time.perf_counter() - t0)
+                for layer in range(cfg.num_layers):
+                    for i in range(m):
+                        rx.recv_into(packet, 0, layer=layer, micro_batch=i)
+        out.append(statistics.median(times))
     return out
 
 
@@ -393,6 +457,6 @@ def profile_toml(measured: dict[str, list[float]], gpu: str = "local") -> str:
     return entry("attention", "attention_s") + "\n" + entry("expert", "expert_s")
 
 
-__all__ = ["fit", "interpolate", "MeasuredCost", "measure_expert_program", "measure_host_seconds",
-           "measure_layer_times", "predicted_step_seconds", "profile_toml", "time_decode_step_variants",
-           "time_decode_steps", "traced_host_seconds", "ModelConfig"]
+__all__ = ["fit", "interpolate", "MeasuredCost", "measure_attention_program", "measure_expert_program",
+           "measure_host_seconds", "measure_layer_times", "predicted_step_seconds", "profile_toml",
+           "time_decode_step_variants", "time_decode_steps", "traced_host_seconds", "ModelConfig"]

@@ -128,6 +128,99 @@ def _close_all() -> None:
         runner.close()
 
 
+def step_args(node: list[StepBatch], device, routing) -> dict:
+    """The keyword arguments of an attention step program for micro-batches `node`, inputs on `device`."""
+    packed = [pack_step_inputs(b) for b in node]
+    return dict(inputs=jax.device_put(tuple((ints, floats) for ints, floats, _ in packed), device),
+                layouts=tuple(layout for *_, layout in packed), decodes=tuple(b.decode for b in node),
+                num_logprobs=tuple(b.num_logprobs for b in node), routing=routing)
+
+
+class AttentionStepProgram:
+    """One attention node's decode/prefill step as one jitted program (`jitted(graphdef, layers, inputs, kv,
+    token, load_total, **static)`), sending packets to the expert nodes through `tx` and receiving their
+    outputs through `back`; `layers[l]` is the node's weights for layer l (`split_layers`). The runner calls it
+    with the expert processes at the other end; the profiler with a loopback
+    (`msjax.planner.profiler.measure_attention_program`)."""
+
+    def __init__(self, cfg, tx, back, dtype):
+        self.cfg, self.tx, self.back, self.dtype = cfg, tx, back, jnp.dtype(dtype)
+        self.jitted = jax.jit(self._step_body(),
+                              static_argnames=("graphdef", "layouts", "decodes", "num_logprobs", "routing"),
+                              donate_argnames=("kv", "load_total"))
+
+    def _send_body(self):
+        """Attention of one (layer, micro-batch), then its packets to every expert node (m2n_send)."""
+        from msjax.comm import native
+        tx = self.tx
+
+        def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total, *, decode, routing):
+            h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
+                                                                      decode=decode, routing=routing)
+            for e, p in enumerate(packets):  # each send after the previous m2n call
+                token = native.m2n_send(pack_rows(p.rows, p.expert_ids), p.count, tx, receiver=e, layer=layer,
+                                        micro_batch=micro_batch, after=token)
+            return h, orders, weights, load_total + load, kv, token
+        return send
+
+    def _recv_body(self):
+        """The expert outputs of one (layer, micro-batch) back from every expert node (m2n_recv_all), combined."""
+        from msjax.comm import native
+        rx, hidden, dtype = self.back, self.cfg.hidden_size, self.dtype
+
+        def recv(layer, micro_batch, orders, weights, token):
+            # one call for every expert node (after the previous m2n call), their outputs taken as they come
+            likes = [jax.ShapeDtypeStruct((order.shape[0], hidden), dtype) for order in orders]
+            outs, counts = native.m2n_recv_all(rx, senders=list(range(len(orders))), likes=likes, layer=layer,
+                                               micro_batch=micro_batch, after=token)
+            return combine_step(tuple(outs), orders, weights), counts[-1]
+        return recv
+
+    def _step_body(self):
+        """A whole decode/prefill step of the attention node as one program: embedding, every (layer, micro-batch)
+        in ping-pong order with its m2n sends and receives, the last combine, LM heads and sampling.
+
+        One host call per step instead of one per (layer, micro-batch): on the attention node's core (or GPU host
+        thread) Python dispatch was the bottleneck once the m2n calls ran inside the programs. The order is the
+        ping-pong order of paper §4.1 — the combine of (layer - 1, i), then the attention and send of (layer, i),
+        so the attention of micro-batch i+1 runs while the experts hold micro-batch i — and XLA keeps it: every
+        m2n call is chained to the previous one through `token`."""
+        send, recv = self._send_body(), self._recv_body()
+        num_layers = self.cfg.num_layers
+
+        def step(graphdef, layers, inputs, kv, token, load_total, *, layouts, decodes, num_logprobs, routing):
+            # layers[l]: the node's weights for layer l (the shared ones, embeddings and LM head, in each)
+            # inputs[i] = (int32 [...], float32 [2 s_i]) as packed by pack_step_inputs; unpacked, inputs[i] =
+            # (tokens [t_i], AttentionBatch, logit_rows, temperature, top_p, top_k, seeds, steps)
+            inputs = tuple(unpack_step_inputs(ints, floats, layout) for (ints, floats), layout in zip(inputs, layouts))
+            m = len(inputs)
+            h = [embed_step(graphdef, layers[0], x[0]) for x in inputs]  # [t_i, hidden] each
+            moe = [jnp.zeros_like(x) for x in h]
+            sent = [None] * m  # (orders, weights) of the last send of each micro-batch
+            for layer in range(num_layers):
+                for i in range(m):
+                    if layer > 0:
+                        moe[i], token = recv(layer - 1, i, *sent[i], token)
+                    else:  # this attention after the previous micro-batch's send: without the order XLA may run
+                        # every layer-0 attention first and hold the sends back, idling the expert nodes
+                        h[i], token = jax.lax.optimization_barrier((h[i], token))
+                    h[i], orders, weights, load_total, kv, token = send(
+                        graphdef, layers[layer], layer, i, h[i], moe[i], inputs[i][1], kv, token, load_total,
+                        decode=decodes[i], routing=routing)
+                    # the next micro-batch writes the cache only after this one's attention has read it: without
+                    # the order XLA may schedule that write first and copy the whole cache to keep this read
+                    kv, h[i] = jax.lax.optimization_barrier((kv, h[i]))
+                    sent[i] = (orders, weights)
+            sampled = []
+            for i in range(m):  # micro-batch i's LM head and sampling while the experts finish micro-batch i+1
+                moe[i], token = recv(num_layers - 1, i, *sent[i], token)
+                out = head_step(graphdef, layers[0], h[i], moe[i], *inputs[i][2:], num_logprobs=num_logprobs[i])
+                out, token = jax.lax.optimization_barrier((out, token))  # before the next receive
+                sampled.append(out)
+            return tuple(sampled), kv, token, load_total
+        return step
+
+
 class MultiProcessRunner:
     """`run(batches) -> sampled` like `DisaggregatedRunner`, with each expert node in its own process.
 
@@ -273,7 +366,7 @@ class MultiProcessRunner:
                     if time.monotonic() > deadline:
                         raise WorkerError(f"expert node {e} did not get ready" + self._logs()) from None
         self._stop_coordination()
-        self._programs: dict = {}  # attention node -> its jitted step program
+        self._programs: dict = {}  # attention node -> its AttentionStepProgram
         self._tokens = [jnp.zeros((), jnp.int32, device=d) for d in self.devices]
 
     def _stop_coordination(self) -> None:
@@ -302,91 +395,14 @@ class MultiProcessRunner:
 
     # -- programs ---------------------------------------------------------------------------------------------
 
-    def _send_body(self, a: int):
-        """Attention of one (layer, micro-batch) on node a, then its packets to every expert node (m2n_send)."""
-        from msjax.comm import native
-        tx = self.tx[a]
-
-        def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total, *, decode, routing):
-            h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
-                                                                      decode=decode, routing=routing)
-            for e, p in enumerate(packets):  # each send after the previous m2n call
-                token = native.m2n_send(pack_rows(p.rows, p.expert_ids), p.count, tx, receiver=e, layer=layer,
-                                        micro_batch=micro_batch, after=token)
-            return h, orders, weights, load_total + load, kv, token
-        return send
-
-    def _recv_body(self, a: int):
-        """The expert outputs of one (layer, micro-batch) back from every expert node (m2n_recv_all), combined."""
-        from msjax.comm import native
-        rx, hidden, dtype = self.back[a], self.hidden, self.dtype
-
-        def recv(layer, micro_batch, orders, weights, token):
-            # one call for every expert node (after the previous m2n call), their outputs taken as they come
-            likes = [jax.ShapeDtypeStruct((order.shape[0], hidden), dtype) for order in orders]
-            outs, counts = native.m2n_recv_all(rx, senders=list(range(len(orders))), likes=likes, layer=layer,
-                                               micro_batch=micro_batch, after=token)
-            return combine_step(tuple(outs), orders, weights), counts[-1]
-        return recv
-
-    def _step_body(self, a: int):
-        """A whole decode/prefill step of attention node a as one program: embedding, every (layer, micro-batch)
-        in ping-pong order with its m2n sends and receives, the last combine, LM heads and sampling.
-
-        One host call per step instead of one per (layer, micro-batch): on the attention node's core (or GPU host
-        thread) Python dispatch was the bottleneck once the m2n calls ran inside the programs. The order is the
-        ping-pong order of paper §4.1 — the combine of (layer - 1, i), then the attention and send of (layer, i),
-        so the attention of micro-batch i+1 runs while the experts hold micro-batch i — and XLA keeps it: every
-        m2n call is chained to the previous one through `token`."""
-        send, recv = self._send_body(a), self._recv_body(a)
-        num_layers = self.cfg.num_layers
-
-        def step(graphdef, layers, inputs, kv, token, load_total, *, layouts, decodes, num_logprobs, routing):
-            # layers[l]: the node's weights for layer l (the shared ones, embeddings and LM head, in each)
-            # inputs[i] = (int32 [...], float32 [2 s_i]) as packed by pack_step_inputs; unpacked, inputs[i] =
-            # (tokens [t_i], AttentionBatch, logit_rows, temperature, top_p, top_k, seeds, steps)
-            inputs = tuple(unpack_step_inputs(ints, floats, layout) for (ints, floats), layout in zip(inputs, layouts))
-            m = len(inputs)
-            h = [embed_step(graphdef, layers[0], x[0]) for x in inputs]  # [t_i, hidden] each
-            moe = [jnp.zeros_like(x) for x in h]
-            sent = [None] * m  # (orders, weights) of the last send of each micro-batch
-            for layer in range(num_layers):
-                for i in range(m):
-                    if layer > 0:
-                        moe[i], token = recv(layer - 1, i, *sent[i], token)
-                    else:  # this attention after the previous micro-batch's send: without the order XLA may run
-                        # every layer-0 attention first and hold the sends back, idling the expert nodes
-                        h[i], token = jax.lax.optimization_barrier((h[i], token))
-                    h[i], orders, weights, load_total, kv, token = send(
-                        graphdef, layers[layer], layer, i, h[i], moe[i], inputs[i][1], kv, token, load_total,
-                        decode=decodes[i], routing=routing)
-                    # the next micro-batch writes the cache only after this one's attention has read it: without
-                    # the order XLA may schedule that write first and copy the whole cache to keep this read
-                    kv, h[i] = jax.lax.optimization_barrier((kv, h[i]))
-                    sent[i] = (orders, weights)
-            sampled = []
-            for i in range(m):  # micro-batch i's LM head and sampling while the experts finish micro-batch i+1
-                moe[i], token = recv(num_layers - 1, i, *sent[i], token)
-                out = head_step(graphdef, layers[0], h[i], moe[i], *inputs[i][2:], num_logprobs=num_logprobs[i])
-                out, token = jax.lax.optimization_barrier((out, token))  # before the next receive
-                sampled.append(out)
-            return tuple(sampled), kv, token, load_total
-        return step
-
     def _step_program(self, a: int):
-        """Jitted `_step_body(a)`: one compile per step signature (micro-batch shapes, decode flags, logprobs)."""
+        """Attention node a's jitted step program (`AttentionStepProgram`): one compile per step signature."""
         if a not in self._programs:
-            self._programs[a] = jax.jit(self._step_body(a),
-                                        static_argnames=("graphdef", "layouts", "decodes", "num_logprobs",
-                                                         "routing"),
-                                        donate_argnames=("kv", "load_total"))
-        return self._programs[a]
+            self._programs[a] = AttentionStepProgram(self.cfg, self.tx[a], self.back[a], self.dtype)
+        return self._programs[a].jitted
 
     def _step_args(self, a: int, node: list[StepBatch]):
-        packed = [pack_step_inputs(b) for b in node]
-        return dict(inputs=jax.device_put(tuple((ints, floats) for ints, floats, _ in packed), self.devices[a]),
-                    layouts=tuple(layout for *_, layout in packed), decodes=tuple(b.decode for b in node),
-                    num_logprobs=tuple(b.num_logprobs for b in node), routing=self.routing)
+        return step_args(node, self.devices[a], self.routing)
 
     def lower_attention(self, node: list[StepBatch], a: int = 0, *, compiled: bool = False) -> str:
         """HLO text of attention node a's step program for the micro-batches `node` (it holds the custom calls):
