@@ -168,8 +168,9 @@ def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repea
     the experts. -> seconds per (layer, micro-batch), median over `repeats` steps.
 
     Per-call timing (`measure_layer_times`) runs one expert layer per program call; the node runs every layer
-    and micro-batch of a step in one program, which XLA compiles and schedules differently, and on this
-    project's CPU the two disagreed by up to 18% when the expert node bounded the pipeline."""
+    and micro-batch of a step in one program, which XLA compiles and schedules differently. This loopback is how
+    the layer-weight copies in that program were found (`msjax.models.layer_states`); since they are gone, the
+    two agree within a few percent for the expert node on this project's CPU."""
     import uuid
 
     from msjax.comm import native
@@ -221,7 +222,12 @@ def measure_attention_program(model: MoEModel, points: list[tuple[int, int]], co
     combines, LM heads, sampling) for m micro-batches of b sequences at `context`, for each (b, m) of `points`,
     with the expert node replaced by a loopback: every (layer, micro-batch)'s expert outputs sent ahead into a
     shared-memory ring, the packets collected after. One expert node holding every expert; `max_model_len`
-    sets the page-table width as in `measure_layer_times`. -> seconds per step, median over `repeats`."""
+    sets the page-table width as in `measure_layer_times`. -> seconds per step, median over `repeats`.
+
+    Per-call timing pays the host's dispatch of two programs per layer (combine, attention), which on a node
+    whose host shares the core (as in `bench/pipeline_pinned.py`) lands on the step; the step program has one
+    dispatch per step. Predictions from this profile came within 10% of the pinned pipeline for m = 1..4 where
+    the per-call ones were 10-36% high."""
     import uuid
 
     from msjax.comm import native
