@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("launch", add_help=False, help="generate over a multi-process deployment (plan transport shm or "
                    "tcp): expert nodes as processes, packets through the native M2N library")
     from msjax.planner.cli import add_parser as add_plan_parser
+    from msjax.planner.profile_cli import add_parser as add_profile_parser
     add_plan_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 
