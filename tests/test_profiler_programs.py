@@ -42,7 +42,7 @@ def test_msjax_profile_writes_a_profile_that_plan_reads(tmp_path, capsys):
     from msjax.planner import plan
     from msjax.planner.search import resolve_profile
     out = tmp_path / "profile.toml"
-    assert main(["profile", "--model", "tiny-moe", "--batches", "4,8", "--context", "32", "--layers", "4",
+    assert main(["profile", "--model", "tiny-moe", "--batches", "4,64", "--context", "32", "--layers", "4",
                  "--dtype", "float32", "--repeats", "5", "--gpu", "H100", "--out", str(out)]) == 0
     profile = resolve_profile(out)  # the planner's own parser: a malformed file would raise
     best = plan("tiny-moe", ["H100"], 150, profile=profile, top=1)[0]

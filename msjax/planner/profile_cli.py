@@ -31,7 +31,11 @@ def _sizes(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
+    import tomllib
+
+    from msjax.errors import ConfigError
     from msjax.models.programs import MoEModel
+    from msjax.planner.profile import parse_profile
     from msjax.planner.profiler import measure_attention_program, measure_expert_program, profile_toml
     from msjax.planner.search import resolve_model
     sizes = _sizes(args.batches)
@@ -55,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     text = (f"# msjax profile --model {args.model}: {1 + args.layers} layers of random {args.dtype} weights, context "
             f"{args.context}; time per layer and micro-batch, from each node's own step program\n"
             + profile_toml(measured, gpu=args.gpu))
+    try:  # what `msjax plan --profile` will check: refuse to write a file it would reject
+        parse_profile(tomllib.loads(text), source="the measured profile")
+    except ConfigError as err:
+        raise ValueError(f"{err}; the batch sizes may be too close for this model's noise: spread them "
+                         "(--batches) or time more steps (--repeats)") from None
     Path(args.out).write_text(text)
     print(f"{'batch':>6} {'T_a ms':>8} {'T_e ms':>8}")
     for b, t_a, t_e in zip(sizes, measured["attention_s"], measured["expert_s"]):
