@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tomllib
 from pathlib import Path
 
 
@@ -30,8 +31,6 @@ def _sizes(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
-
-    import tomllib
 
     from msjax.errors import ConfigError
     from msjax.models.programs import MoEModel

@@ -163,22 +163,53 @@ def _whole_step_seconds(runner, layers_a, layers_e, h, batch, returned, orders, 
 _WARM_CALLS = 2
 
 
+def _loopback_seconds(num_layers: int, m: int, inbound_bytes: int, outbound_bytes: int, message: np.ndarray,
+                      make_step, repeats: int) -> float:
+    """Median seconds of one step of a node's step program with its peer replaced by a loopback through shared
+    memory. `make_step(rx, tx)` builds the program on the node's endpoints (rx: what the peer sends it, messages
+    of up to `inbound_bytes`; tx: what it sends the peer, up to `outbound_bytes`) and returns a function that
+    runs one step and waits for it. Before each step the peer's `message` for every (layer, micro-batch) goes
+    into a ring deep enough for all of them, in the order the program receives them; after it, everything the
+    node sent is drained in the same order, so sequence numbers line up from one step to the next."""
+    import uuid
+
+    from msjax.comm import native
+    messages = num_layers * m
+    channel = f"profile{uuid.uuid4().hex[:10]}"
+    with native.Receiver("shm", f"{channel}-in", 0, 1, inbound_bytes, depth=messages) as rx, \
+            native.Receiver("shm", f"{channel}-out", 0, 1, outbound_bytes, depth=messages) as peer_rx, \
+            native.Sender("shm", [rx.address], 0, inbound_bytes) as peer_tx, \
+            native.Sender("shm", [peer_rx.address], 0, outbound_bytes) as tx:
+        step = make_step(rx, tx)
+        drained = np.empty(outbound_bytes, np.uint8)
+        times = []
+        for r in range(repeats + _WARM_CALLS):
+            for layer in range(num_layers):
+                for i in range(m):
+                    peer_tx.send(0, message, layer=layer, micro_batch=i)
+            t0 = time.perf_counter()
+            step()
+            if r >= _WARM_CALLS:
+                times.append(time.perf_counter() - t0)
+            for layer in range(num_layers):
+                for i in range(m):
+                    peer_rx.recv_into(drained, 0, layer=layer, micro_batch=i)
+    return statistics.median(times)
+
+
 def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repeats: int = 10,
                            seed: int = 0) -> list[float]:
     """T_e as the expert node of the multi-process runtime runs it: that node's own step program
     (`expert_worker.StepPrograms`, m2n receives and sends included) for a step of m micro-batches of b
-    sequences, for each (b, m) of `points`, with the attention node replaced by a loopback: each step's packets
-    (every layer, every micro-batch) sent ahead into a shared-memory ring deep enough to hold them all, the
-    outputs collected after it. One node holding every expert, one attention node; rows routed uniformly over
-    the experts. -> seconds per (layer, micro-batch), median over `repeats` steps.
+    sequences, for each (b, m) of `points`, with the attention node replaced by a loopback (`_loopback_seconds`:
+    each step's packets, every layer and micro-batch, sent ahead; the outputs collected after it). One node
+    holding every expert, one attention node; rows routed uniformly over the experts. -> seconds per (layer,
+    micro-batch), median over `repeats` steps.
 
     Per-call timing (`measure_layer_times`) runs one expert layer per program call; the node runs every layer
     and micro-batch of a step in one program, which XLA compiles and schedules differently. This loopback is how
     the layer-weight copies in that program were found (`msjax.models.layer_states`); since they are gone, the
     two agree within a few percent for the expert node on this project's CPU."""
-    import uuid
-
-    from msjax.comm import native
     from msjax.runtime import multiprocess as mp
     from msjax.runtime.expert_worker import StepPrograms
     cfg = model.cfg
@@ -188,35 +219,22 @@ def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repea
     out = []
     for b, m in points:
         cap = b * cfg.top_k
-        messages = cfg.num_layers * m
-        channel = f"profile{uuid.uuid4().hex[:10]}"
-        dispatch_bytes = cap * mp.row_bytes(cfg.hidden_size, dtype)
-        back_bytes = cap * cfg.hidden_size * dtype.itemsize
-        with native.Receiver("shm", f"{channel}-d", 0, 1, dispatch_bytes, depth=messages) as rx, \
-                native.Receiver("shm", f"{channel}-b", 0, 1, back_bytes, depth=messages) as back_rx, \
-                native.Sender("shm", [rx.address], 0, dispatch_bytes) as tx, \
-                native.Sender("shm", [back_rx.address], 0, back_bytes) as back:
-            programs = StepPrograms(cfg, graphdef, tuple(range(cfg.num_experts)), rx, back, dtype)
-            program = programs((((0, cap),),) * m)
-            rows = jnp.asarray(rng.standard_normal((cap, cfg.hidden_size)), dtype)
-            ids = jnp.asarray(rng.integers(0, cfg.num_experts, cap), jnp.int32)
-            packet = np.asarray(mp.pack_rows(rows, ids))  # uint8 [cap, row bytes]: every row valid
-            returned = np.empty(back_bytes, np.uint8)
-            token = jnp.zeros((), jnp.int32)
-            times = []
-            for r in range(repeats + _WARM_CALLS):
-                for layer in range(cfg.num_layers):
-                    for i in range(m):
-                        tx.send(0, packet, layer=layer, micro_batch=i)
-                t0 = time.perf_counter()
-                token = program(layers, token)
-                token.block_until_ready()
-                if r >= _WARM_CALLS:
-                    times.append(time.perf_counter() - t0)
-                for layer in range(cfg.num_layers):
-                    for i in range(m):
-                        back_rx.recv_into(returned, 0, layer=layer, micro_batch=i)
-        out.append(statistics.median(times) / messages)
+        rows = jnp.asarray(rng.standard_normal((cap, cfg.hidden_size)), dtype)
+        ids = jnp.asarray(rng.integers(0, cfg.num_experts, cap), jnp.int32)
+        packet = np.asarray(mp.pack_rows(rows, ids))  # uint8 [cap, row bytes]: every row valid
+
+        def make_step(rx, tx, cap=cap, m=m):
+            program = StepPrograms(cfg, graphdef, tuple(range(cfg.num_experts)), rx, tx, dtype)((((0, cap),),) * m)
+            token = [jnp.zeros((), jnp.int32)]
+
+            def step():
+                token[0] = program(layers, token[0])
+                token[0].block_until_ready()
+            return step
+
+        seconds = _loopback_seconds(cfg.num_layers, m, packet.nbytes, cap * cfg.hidden_size * dtype.itemsize, packet,
+                                    make_step, repeats)
+        out.append(seconds / (cfg.num_layers * m))
     return out
 
 
@@ -225,17 +243,14 @@ def measure_attention_program(model: MoEModel, points: list[tuple[int, int]], co
     """Seconds of one decode step of the attention node as the multi-process runtime runs it: the node's own
     step program (`AttentionStepProgram`: embeddings, every layer's attention with its m2n sends and receives and
     combines, LM heads, sampling) for m micro-batches of b sequences at `context`, for each (b, m) of `points`,
-    with the expert node replaced by a loopback: every (layer, micro-batch)'s expert outputs sent ahead into a
-    shared-memory ring, the packets collected after. One expert node holding every expert; `max_model_len`
+    with the expert node replaced by a loopback (`_loopback_seconds`: every (layer, micro-batch)'s expert
+    outputs sent ahead, the packets collected after). One expert node holding every expert; `max_model_len`
     sets the page-table width as in `measure_layer_times`. -> seconds per step, median over `repeats`.
 
     Per-call timing pays the host's dispatch of two programs per layer (combine, attention), which on a node
     whose host shares the core (as in `bench/pipeline_pinned.py`) lands on the step; the step program has one
     dispatch per step. Predictions from this profile came within 10% of the pinned pipeline for m = 1..4 where
     the per-call ones were 10-36% high."""
-    import uuid
-
-    from msjax.comm import native
     from msjax.comm.m2n import Routing
     from msjax.engine.batch import StepBatch
     from msjax.runtime import multiprocess as mp
@@ -249,9 +264,6 @@ def measure_attention_program(model: MoEModel, points: list[tuple[int, int]], co
     out = []
     for b, m in points:
         cap = b * cfg.top_k  # every row of the micro-batch goes to the one expert node
-        messages = cfg.num_layers * m
-        channel = f"profile{uuid.uuid4().hex[:10]}"
-        dispatch_bytes = cap * mp.row_bytes(cfg.hidden_size, dtype)
         outputs = np.zeros((cap, cfg.hidden_size), dtype)  # what the expert node would return
         node = [StepBatch(decode=True, num_logprobs=0, tokens=np.zeros(b, np.int32),
                           positions=np.full(b, context - 1, np.int32), seq_ids=np.arange(b, dtype=np.int32),
@@ -260,31 +272,21 @@ def measure_attention_program(model: MoEModel, points: list[tuple[int, int]], co
                           temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32),
                           top_k=np.zeros(b, np.int32), seeds=np.zeros(b, np.uint32), steps=np.zeros(b, np.int32))
                 for i in range(m)]
-        args = mp.step_args(node, device, routing)
-        kv = KVCache.create(cfg, m * b * per_seq, page_size, dtype=model.dtype)
-        load = jnp.zeros(cfg.num_experts, jnp.int32)
-        token = jnp.zeros((), jnp.int32)
-        with native.Receiver("shm", f"{channel}-d", 0, 1, dispatch_bytes, depth=messages) as rx, \
-                native.Receiver("shm", f"{channel}-b", 0, 1, outputs.nbytes, depth=messages) as back, \
-                native.Sender("shm", [rx.address], 0, dispatch_bytes) as tx, \
-                native.Sender("shm", [back.address], 0, outputs.nbytes) as expert:
-            program = mp.AttentionStepProgram(cfg, tx, back, dtype)
-            packet = np.empty(dispatch_bytes, np.uint8)
-            times = []
-            for r in range(repeats + _WARM_CALLS):
-                for layer in range(cfg.num_layers):  # in the order the program receives them
-                    for i in range(m):
-                        expert.send(0, outputs, layer=layer, micro_batch=i)
-                t0 = time.perf_counter()
-                sampled, kv, token, load = program.jitted(model.attention_def, layers, kv=kv, token=token,
-                                                          load_total=load, **args)
+
+        def make_step(rx, tx, node=node, b=b, m=m):
+            program = mp.AttentionStepProgram(cfg, tx, rx, dtype)
+            args = mp.step_args(node, device, routing)
+            carry = {"kv": KVCache.create(cfg, m * b * per_seq, page_size, dtype=model.dtype),
+                     "token": jnp.zeros((), jnp.int32), "load_total": jnp.zeros(cfg.num_experts, jnp.int32)}
+
+            def step():
+                sampled, carry["kv"], carry["token"], carry["load_total"] = program.jitted(
+                    model.attention_def, layers, **carry, **args)
                 jax.block_until_ready(sampled)
-                if r >= _WARM_CALLS:
-                    times.append(time.perf_counter() - t0)
-                for layer in range(cfg.num_layers):
-                    for i in range(m):
-                        rx.recv_into(packet, 0, layer=layer, micro_batch=i)
-        out.append(statistics.median(times))
+            return step
+
+        out.append(_loopback_seconds(cfg.num_layers, m, outputs.nbytes, cap * mp.row_bytes(cfg.hidden_size, dtype),
+                                     outputs, make_step, repeats))
     return out
 
 
