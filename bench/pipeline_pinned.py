@@ -71,19 +71,25 @@ def timed_context(context: int, steps: int, variants: int) -> int:
     return context + 1 + variants * (WARM_STEPS + steps // 2)
 
 
-def measure(model: MoEModel, ms: list[int], batch: int, context: int, steps: int) -> dict[int, tuple]:
-    """One attention process and one expert process, every m of `ms` timed in turn step by step (the engine's
+def measure(model: MoEModel, ms: list[int], batch: int, context: int, steps: int,
+            attention_processes: bool = False) -> dict[int, tuple]:
+    """One attention node and one expert process, every m of `ms` timed in turn step by step (the engine's
     micro-batch count changes between steps; the runner takes any number per step). -> {m: (median decode step
-    seconds, attention busy, experts busy, T_host seconds)}, busy = CPU time / wall time of each process over
-    that m's timed steps, the M2N waits' polling phase included (up to MSJAX_M2N_POLL_US before a waiter
-    sleeps); T_host from a profiler trace of HOST_ROUNDS more steps per m (`traced_host_seconds`)."""
+    seconds, attention busy, experts busy, T_host seconds)}, busy = CPU time / wall time of each node's process
+    over that m's timed steps, the M2N waits' polling phase included (up to MSJAX_M2N_POLL_US before a waiter
+    sleeps); T_host from a profiler trace of HOST_ROUNDS more steps per m (`traced_host_seconds`). With
+    `attention_processes` the attention node is a process of its own on the engine's core (the engine's process
+    only schedules, asleep on the control channel while the nodes run), and T_host is not traced (nan): the
+    engine's process runs no program to trace."""
     cfg = engine_config(batch, context, steps, len(ms))
-    plan = DeploymentPlan(1, 1, 1, 1, ms[0], transport="shm")
+    plan = DeploymentPlan(1, 1, 1, 1, ms[0], transport="shm", attention_processes=attention_processes)
     runner = MultiProcessRunner(model, cfg, plan)
     try:
         for proc in runner.procs:
             pin_process(proc.pid, EXPERT_CPU)
-        pids = (os.getpid(), runner.procs[0].pid)
+        for proc in runner.attention_procs:
+            pin_process(proc.pid, ATTENTION_CPU)
+        pids = (runner.attention_procs[0].pid if attention_processes else os.getpid(), runner.procs[0].pid)
         engine = Engine(model, cfg, plan=plan, runner=runner)
         wall = {m: 0.0 for m in ms}
         cpu = {m: [0.0, 0.0] for m in ms}
@@ -103,11 +109,11 @@ def measure(model: MoEModel, ms: list[int], batch: int, context: int, steps: int
 
         variants = {m: use(m) for m in ms}
         host = {}
+        trace = None if attention_processes else lambda: host.update(traced_host_seconds(engine, variants,
+                                                                                          HOST_ROUNDS))
         step_s = time_decode_step_variants(engine, batch, context, steps, variants, WARM_STEPS, around=around,
-                                           after=lambda: host.update(traced_host_seconds(engine, variants,
-                                                                                         HOST_ROUNDS)),
-                                           spare_steps=8 + HOST_ROUNDS * len(ms))
-        return {m: (step_s[m], cpu[m][0] / wall[m], cpu[m][1] / wall[m], host[m]) for m in ms}
+                                           after=trace, spare_steps=8 + HOST_ROUNDS * len(ms))
+        return {m: (step_s[m], cpu[m][0] / wall[m], cpu[m][1] / wall[m], host.get(m, float("nan"))) for m in ms}
     finally:
         runner.close()
 
@@ -142,6 +148,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs, each a fresh pair of processes timing every m in turn; the table gives their "
                              "median and each run")
+    parser.add_argument("--compare-attention-processes", action="store_true",
+                        help="no profiles or predictions: each run times every m with the attention node in the "
+                             "engine's process, then in a process of its own (plan attention_processes), both "
+                             "pinned to the same core, and the table compares their step times")
     args = parser.parse_args()
     os.environ["MSJAX_M2N_POLL_US"] = str(args.poll_us)  # read at the first wait; the workers inherit it
     if len(os.sched_getaffinity(0)) != 1 or os.cpu_count() < 2:
@@ -151,6 +161,9 @@ def main():
     ms = [int(x) for x in args.micro_batches.split(",")]
     sizes = {m: decode_bucket(-(-args.batch // m), args.batch) for m in ms}
     max_model_len = engine_config(args.batch, args.context, args.steps, len(ms)).max_model_len
+    if args.compare_attention_processes:
+        return compare_attention_processes(model, ms, sizes, args)
+
     def profile():
         """T_a, T_e, T_c, T_o on one core (this process is pinned): one program call per layer, back to back, or
         with --whole-step-profile one program over every layer; at the context and page-table width of the
@@ -259,6 +272,55 @@ def main():
                                                    ("predicted_ms", "Eq. 5 predicted (ms)"),
                                                    ("error", "error per run"),
                                                    ("drift", "profile drift per run")], notes)
+    print(f"wrote {path}")
+
+
+def compare_attention_processes(model: MoEModel, ms: list[int], sizes: dict[int, int], args) -> None:
+    """Step times with the attention node in the engine's process and in a process of its own, run after run
+    in alternation (each run fresh processes), and their ratio: what the extra hop (the step's inputs to the
+    attention process, its sampled tokens back, over the M2N control channel) costs per step."""
+    runs = {m: [] for m in ms}  # (here, processes) step seconds per run
+    for _ in range(args.repeats):
+        here = measure(model, ms, args.batch, args.context, args.steps)
+        apart = measure(model, ms, args.batch, args.context, args.steps, attention_processes=True)
+        for m in ms:
+            runs[m].append((here[m][0], apart[m][0], apart[m][1], apart[m][2]))
+            print(f"m={m}: here {1e3 * here[m][0]:.1f} ms, attention process {1e3 * apart[m][0]:.1f} ms "
+                  f"(busy {apart[m][1]:.0%} / {apart[m][2]:.0%})", flush=True)
+    rows = []
+    for m in ms:
+        here = statistics.median(r[0] for r in runs[m])
+        apart = statistics.median(r[1] for r in runs[m])
+        base = statistics.median(r[1] for r in runs[ms[0]])
+        rows.append({"m": m, "micro_batch": sizes[m], "here_ms": round(1e3 * here, 1),
+                     "apart_ms": round(1e3 * apart, 1),
+                     "runs": " / ".join(f"{1e3 * r[0]:.1f}, {1e3 * r[1]:.1f}" for r in runs[m]),
+                     "extra_ms": round(1e3 * (apart - here), 2),
+                     "ratios": " / ".join(f"{r[1] / r[0]:.3f}" for r in runs[m]),
+                     "tok_s": round(args.batch / apart, 1), "speedup": f"{base / apart:.2f}x",
+                     "busy": f"{statistics.median(r[2] for r in runs[m]):.0%} / "
+                             f"{statistics.median(r[3] for r in runs[m]):.0%}"})
+        print(rows[-1], flush=True)
+    c = model.cfg
+    notes = (f"The attention node in the engine's process (\"here\", as in the other pipeline-pinned tables) vs "
+             f"in a process of its own (plan attention_processes = true: the engine's process sends it each "
+             f"step's packed inputs and reads back the sampled tokens over an M2N control channel, shm), both "
+             f"pinned to core {ATTENTION_CPU} with the engine's process, the expert node's process on core "
+             f"{EXPERT_CPU}; transport shm. Random MoE of bench/pipeline.py: {c.num_layers} layers, hidden "
+             f"{c.hidden_size}, {c.num_experts} experts top-{c.top_k}, expert FFN {c.expert_ffn_size}, float32; "
+             f"decode batch {args.batch}, context {args.context}; {args.repeats} runs, each the two deployments "
+             f"one after the other in fresh processes, the m taking turns step by step ({args.steps} timed steps "
+             f"per m, median); MSJAX_M2N_POLL_US={args.poll_us}; XLA:CPU single-threaded. busy: attention "
+             f"process / expert process, CPU time over wall time (polling included).")
+    name = "pipeline-pinned-attention-processes"
+    name += "" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}"
+    name += "" if args.layers == BALANCED.num_layers else f"-{args.layers}layers"
+    path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
+                                      ("here_ms", "step, attention in the engine (ms)"),
+                                      ("apart_ms", "step, attention process (ms)"),
+                                      ("extra_ms", "difference (ms)"), ("runs", "runs (ms): here, process"),
+                                      ("ratios", "process / here per run"), ("tok_s", "tokens/s (process)"),
+                                      ("speedup", "vs m=1 (process)"), ("busy", "busy (process)")], notes)
     print(f"wrote {path}")
 
 

@@ -185,6 +185,8 @@ int m2n_debug_inject(int64_t handle, uint32_t sender, uint64_t seq, const void* 
 uint32_t m2n_header_bytes(void) { return sizeof(MessageHeader); }
 uint32_t m2n_message_magic(void) { return kMessageMagic; }
 
+long m2n_set_thread_poll_us(long us) { return SetThreadPollMicros(us); }
+
 int m2n_has_verbs(void) { return verbs::Compiled() ? 1 : 0; }
 
 int m2n_verbs_devices(char* out, size_t out_len) {

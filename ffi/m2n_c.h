@@ -38,6 +38,9 @@ int m2n_validate_header(const void* bytes, size_t n, uint32_t sender, uint32_t n
 // slot are dropped (a real sender cannot write past its mapping's slot either).
 int m2n_debug_inject(int64_t handle, uint32_t sender, uint64_t seq, const void* bytes, size_t n, char* err,
                      size_t err_len);
+// How long the calling thread's waits poll before sleeping on the futex, in µs, overriding MSJAX_M2N_POLL_US for
+// this thread only (< 0: back to the process-wide budget). Returns the previous setting (-1: process-wide).
+long m2n_set_thread_poll_us(long us);
 uint32_t m2n_header_bytes(void);
 uint32_t m2n_message_magic(void);
 int m2n_has_verbs(void);

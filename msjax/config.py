@@ -184,6 +184,9 @@ class DeploymentPlan:
     attention_gpu: str | None = None  # hardware names the planner fills
     expert_gpu: str | None = None
     colocated_devices: int = 0  # > 0: the colocated baseline over this many devices
+    # transport shm / tcp: every attention node a process of its own too (the engine's process then only
+    # schedules); otherwise the engine's process runs the attention nodes
+    attention_processes: bool = False
 
     def __post_init__(self):
         _check_positive(self, "attention_nodes", "attention_tp", "expert_nodes", "expert_tp")
@@ -193,6 +196,8 @@ class DeploymentPlan:
             _check_positive(self, "max_batch")
         if self.transport not in TRANSPORTS:
             raise ConfigError("transport", f"must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if not isinstance(self.attention_processes, bool):
+            raise ConfigError("attention_processes", f"must be true or false, got {self.attention_processes!r}")
         if not isinstance(self.colocated_devices, int) or self.colocated_devices < 0:
             raise ConfigError("colocated_devices", f"must be an integer >= 0, got {self.colocated_devices!r}")
         if self.placement is not None:
@@ -233,6 +238,9 @@ class DeploymentPlan:
         """Check the plan against a model and the devices at hand; errors name the field."""
         if self.num_devices > num_devices:
             raise ConfigError("plan", f"needs {self.num_devices} devices, only {num_devices} exist")
+        if self.attention_processes and (self.is_colocated or self.transport not in ("shm", "tcp")):
+            raise ConfigError("attention_processes", "puts nodes in processes: it needs a disaggregated plan with "
+                              f"transport 'shm' or 'tcp', got transport {self.transport!r}")
         if self.is_colocated:  # shards heads and experts where they divide, replicates the rest
             return
         kv = model.num_kv_heads
@@ -265,7 +273,9 @@ class DeploymentPlan:
             value = getattr(self, f.name)
             if value is None or value == f.default:
                 continue
-            if isinstance(value, str):
+            if isinstance(value, bool):
+                lines.append(f"{f.name} = {str(value).lower()}")
+            elif isinstance(value, str):
                 lines.append(f'{f.name} = "{value}"')
             elif isinstance(value, tuple):
                 lines.append(f"{f.name} = [{', '.join('[' + ', '.join(map(str, n)) + ']' for n in value)}]")

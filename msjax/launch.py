@@ -1,6 +1,7 @@
-"""`msjax launch`: generation over a multi-process deployment on this host — the engine's process runs the
-attention node(s), every expert node is its own process, and packets move through the native M2N library
-(plan transport "shm" or "tcp").
+"""`msjax launch`: generation over a multi-process deployment on this host — every expert node is its own
+process, and so is every attention node with --attention-processes (or the plan's `attention_processes = true`;
+otherwise the engine's process runs them); packets move through the native M2N library (plan transport "shm"
+or "tcp").
 
     python -m msjax.launch --plan plan.toml --model tiny-moe --prompt "Beautiful is" --max-tokens 16
 
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="deployment plan TOML ([plan] table); transport shm or tcp")
     p.add_argument("--model", default="tiny-moe", help="HF checkpoint directory or preset name (default tiny-moe)")
     p.add_argument("--transport", choices=["shm", "tcp"], help="override the plan's transport")
+    p.add_argument("--attention-processes", action="store_true",
+                   help="run every attention node as a process too (the engine's process then only schedules)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); text needs a tokenizer")
     p.add_argument("--prompt-ids", action="append", help="a prompt as comma-separated token ids (repeatable)")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
         plan = DeploymentPlan.load(args.plan)
         if args.transport:
             plan = dataclasses.replace(plan, transport=args.transport)
+        if args.attention_processes:
+            plan = dataclasses.replace(plan, attention_processes=True)
         if plan.transport not in ("shm", "tcp"):
             raise ConfigError("transport", f"msjax launch runs expert nodes as processes: the plan needs transport "
                               f"'shm' or 'tcp', got {plan.transport!r} (or pass --transport)")
@@ -93,7 +98,8 @@ def main(argv=None) -> int:
     for rid, r in out.items():
         shown = r["text"] if r["text"] is not None else r["token_ids"]
         print(json.dumps({"request_id": rid, **r}) if args.json else f"{rid}: {shown}")
-    print(f"# {plan.attention_nodes} attention node(s) here, {plan.expert_nodes} expert process(es) over "
+    where = "process(es)" if plan.attention_processes else "node(s) in this process"
+    print(f"# {plan.attention_nodes} attention {where}, {plan.expert_nodes} expert process(es) over "
           f"{plan.transport}; start-up {started:.1f} s, total {elapsed:.1f} s", file=sys.stderr)
     return 0
 

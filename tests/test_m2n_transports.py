@@ -172,6 +172,30 @@ def test_a_message_that_never_arrives_times_out(net):
     tx.close()
 
 
+def test_a_threads_poll_budget_decides_whether_its_wait_burns_the_core():
+    """`thread_poll_us`: the calling thread's shm waits poll that long before sleeping on the futex (the engine
+    waiting a whole step for an attention process on the same core must not take the core from it); outside the
+    block the process-wide budget is back. CPU time of a 0.3 s wait in vain: polling 1 s burns nearly all of
+    it, polling 0 almost none."""
+    n = Net("shm")
+    try:
+        rx = n.receiver()
+        tx = n.sender()
+
+        def cpu_of_wait(us):
+            with native.thread_poll_us(us):
+                start = time.thread_time()
+                with pytest.raises(native.M2NTimeout):
+                    rx.recv(0, timeout_s=0.3)
+                return time.thread_time() - start
+        assert cpu_of_wait(1_000_000) > 0.15
+        assert cpu_of_wait(0) < 0.05
+        assert native.library().m2n_set_thread_poll_us(-1) == -1  # restored on leaving the block
+        tx.close()
+    finally:
+        n.close()
+
+
 def test_a_sender_that_dies_is_detected_within_seconds(net):
     rx = net.receiver(timeout_s=60)
     proc = spawn("""

@@ -82,20 +82,31 @@ def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
     before = _segments()
     engine = Engine(_model(), EngineConfig(**OPTIONS), plan=plan)
     runner = engine.runner
-    procs = list(runner.procs)
+    procs = list(runner.procs) + list(runner.attention_procs)
     seen = []
     try:
         assert type(runner).__name__ == "MultiProcessRunner"
-        assert len(procs) == plan.expert_nodes and all(p.poll() is None for p in procs)
+        assert len(runner.procs) == plan.expert_nodes and all(p.poll() is None for p in procs)
+        assert len(runner.attention_procs) == (plan.attention_nodes if plan.attention_processes else 0)
+        assert len(runner.nodes) == (0 if plan.attention_processes else plan.attention_nodes)
+        for node in runner.nodes:  # tensor parallelism inside the node: its KV heads over its devices
+            assert len(node.kv.k.sharding.device_set) == plan.attention_tp
         run = runner.run
         runner.run = lambda batches: (seen.append(batches), run(batches))[1]
         got = run_requests(engine, _requests())
         assert_same_outputs(got, want)
         assert engine.num_free_pages() == engine.num_total_pages()
-        assert runner.read_expert_load().sum() > 0
-        signatures = {tuple((b.tokens.shape, b.page_table.shape, b.decode, b.num_logprobs) for b in step[0])
-                      for step in seen}  # node 0
-        assert runner._step_program(0)._cache_size() == len(signatures)  # one compile per step signature
+        # every valid row routed to top_k experts in every layer, counted on whichever node ran it, read once
+        rows = sum(int((b.positions >= 0).sum()) for step in seen for node in step for b in node)
+        cfg = tiny_config()
+        assert runner.read_expert_load().sum() == cfg.num_layers * cfg.top_k * rows
+        assert runner.read_expert_load().sum() == 0
+        if plan.attention_nodes > 1:  # both attention nodes had work (the engine spreads requests)
+            assert all(any(step[a] for step in seen) for a in range(plan.attention_nodes))
+        if not plan.attention_processes:
+            signatures = {tuple((b.tokens.shape, b.page_table.shape, b.decode, b.num_logprobs) for b in step[0])
+                          for step in seen}  # node 0
+            assert runner._step_program(0)._cache_size() == len(signatures)  # one compile per step signature
         if check_hlo:  # the data path is inside the program: the attention side holds both custom calls
             text = runner.lower_attention(seen[0][0])
             assert "m2n_send" in text and "m2n_recv_all" in text
@@ -133,22 +144,39 @@ def test_tcp_two_expert_nodes_two_micro_batches():
     _check_generation(DeploymentPlan(1, 1, 2, 1, 2, transport="tcp"), check_hlo=True)
 
 
+def test_tensor_parallel_nodes_shm():
+    """tp = 3 inside both nodes (the attention node here on three of the engine's devices, the expert node a
+    process with three): each node's program runs SPMD over its devices and sends one message per packet."""
+    _check_generation(DeploymentPlan(1, 3, 1, 3, 2, transport="shm"))
+
+
+def test_attention_nodes_as_processes_shm():
+    """Every node a process (two attention, two expert): the engine's process only schedules."""
+    _check_generation(DeploymentPlan(2, 1, 2, 1, 2, transport="shm", attention_processes=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("plan", [DeploymentPlan(1, 1, 2, 1, 2, transport="shm"),
                                   DeploymentPlan(1, 1, 1, 1, 1, transport="tcp"),
                                   DeploymentPlan(2, 1, 2, 1, 2, transport="shm"),
-                                  DeploymentPlan(2, 1, 3, 1, 1, transport="tcp")],
-                         ids=["shm-1-2-2", "tcp-1-1-1", "shm-2a-2-2", "tcp-2a-3-1"])
+                                  DeploymentPlan(2, 1, 3, 1, 1, transport="tcp"),
+                                  DeploymentPlan(2, 1, 3, 1, 2, transport="tcp", attention_processes=True),
+                                  DeploymentPlan(1, 1, 2, 1, 3, transport="shm", attention_processes=True),
+                                  DeploymentPlan(2, 3, 2, 3, 2, transport="tcp", attention_processes=True)],
+                         ids=["shm-1-2-2", "tcp-1-1-1", "shm-2a-2-2", "tcp-2a-3-1", "tcp-2ap-3-2", "shm-1ap-2-3",
+                              "tcp-2ap-tp3-2-tp3"])
 def test_more_plans(plan):
     _check_generation(plan)
 
 
 @pytest.mark.slow
-def test_rebalance_between_steps_moves_experts_across_processes(monkeypatch):
+@pytest.mark.parametrize("attention_processes", [False, True], ids=["attention-here", "attention-processes"])
+def test_rebalance_between_steps_moves_experts_across_processes(monkeypatch, attention_processes):
     from msjax.runtime import multiprocess as mp
-    engine = Engine(_model(), EngineConfig(**OPTIONS), plan=DeploymentPlan(1, 1, 2, 1, 2, transport="shm"))
+    engine = Engine(_model(), EngineConfig(**OPTIONS), plan=DeploymentPlan(
+        1, 1, 2, 1, 2, transport="shm", attention_processes=attention_processes))
     runner = engine.runner
-    procs, old = list(runner.procs), runner.placement
+    procs, old = list(runner.procs) + list(runner.attention_procs), runner.placement
     new = ((3, 4, 0), (0, 1, 2))  # both nodes change; expert 0 gets a replica on each
     assert old != new
     real = mp.expert_subset
@@ -192,27 +220,37 @@ def test_worker_that_fails_to_start_is_a_clear_error():
     assert _segments() <= before
 
 
-@pytest.mark.parametrize("transport", ["shm", pytest.param("tcp", marks=pytest.mark.slow)])
-def test_worker_death_mid_step_is_a_clear_error(transport):
+@pytest.mark.parametrize("transport,attention_processes,victim", [
+    ("shm", False, "expert"),
+    pytest.param("tcp", False, "expert", marks=pytest.mark.slow),
+    pytest.param("shm", True, "expert", marks=pytest.mark.slow),
+    ("shm", True, "attention")])
+def test_worker_death_mid_step_is_a_clear_error(transport, attention_processes, victim):
+    """A node process killed before a step: the step fails within seconds with an error naming that node, and
+    every other process stops. With the engine's own liveness check off, the exchange itself notices: an expert
+    node's death through the M2N library (its attention peer reports it), an attention node's through the
+    control channel."""
     from msjax.runtime.multiprocess import MultiProcessRunner, WorkerError
     before = _segments()
-    runner = MultiProcessRunner(_model(), EngineConfig(**OPTIONS), DeploymentPlan(1, 1, 2, 1, 1, transport=transport),
-                                timeout_s=60)
+    plan = DeploymentPlan(2 if victim == "attention" else 1, 1, 2, 1, 1, transport=transport,
+                          attention_processes=attention_processes)
+    runner = MultiProcessRunner(_model(), EngineConfig(**OPTIONS), plan, timeout_s=60)
     try:
         engine = Engine(_model(), EngineConfig(**OPTIONS), plan=runner.plan, runner=runner)
-        engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0))
-        victim = runner.procs[1]  # node 0 lives on; the engine must name node 1
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(10)
+        for i in range(plan.attention_nodes):  # work for every attention node
+            engine.add_request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0))
+        procs = runner.procs if victim == "expert" else runner.attention_procs
+        os.kill(procs[1].pid, signal.SIGKILL)  # node 0 lives on; the engine must name node 1
+        procs[1].wait(10)
         runner._check_workers = lambda when: None  # let the step start: the exchange itself must notice
         start = time.monotonic()
-        with pytest.raises(WorkerError, match="expert nodes \\[1\\] exited"):
+        with pytest.raises(WorkerError, match=f"{victim} node 1 .*exited"):
             engine.step()
         assert time.monotonic() - start < 20  # not the 60 s exchange timeout
         assert runner.closed
     finally:
         runner.close()
-    assert all(p.poll() is not None for p in runner.procs)
+    assert all(p.poll() is not None for p in runner.procs + runner.attention_procs)
     assert _segments() <= before
 
 
@@ -234,19 +272,75 @@ def test_plan_transport_errors():
     with pytest.raises(ConfigError, match="separate processes"):
         DisaggregatedRunner(_model(), EngineConfig(**OPTIONS), DeploymentPlan(1, 1, 1, 1, 1, transport="shm"))
     from msjax.runtime.multiprocess import MultiProcessRunner
-    with pytest.raises(ConfigError, match="tp"):
-        MultiProcessRunner(_model(), EngineConfig(**OPTIONS), DeploymentPlan(1, 2, 1, 1, 1, transport="shm"))
+    import jax
+    with pytest.raises(ConfigError, match="needs 6 devices for attention here, 2 exist"):
+        MultiProcessRunner(_model(), EngineConfig(**OPTIONS), DeploymentPlan(2, 3, 1, 1, 1, transport="shm"),
+                           devices=jax.devices()[:2])
+    with pytest.raises(ConfigError, match="attention_processes: 2 attention nodes with attention_tp = 3 cannot "
+                                          "share one process on CPU"):
+        MultiProcessRunner(_model(), EngineConfig(**OPTIONS), DeploymentPlan(2, 3, 1, 1, 1, transport="shm"))
+    with pytest.raises(ConfigError, match="expert_tp: 5 does not divide"):
+        MultiProcessRunner(_model(), EngineConfig(**OPTIONS), DeploymentPlan(1, 1, 1, 5, 1, transport="shm"))
+    for plan in (DeploymentPlan(1, 1, 1, 1, 1, attention_processes=True),
+                 DeploymentPlan(colocated_devices=1, transport="shm", attention_processes=True)):
+        with pytest.raises(ConfigError, match="attention_processes.*transport 'shm' or 'tcp'"):
+            Engine(_model(), EngineConfig(**OPTIONS), plan=plan)
+
+
+def test_plan_attention_processes_round_trips_through_toml():
+    plan = DeploymentPlan(2, 1, 2, 1, 2, transport="tcp", attention_processes=True)
+    assert "attention_processes = true" in plan.to_toml()
+    assert DeploymentPlan.from_toml(plan.to_toml()) == plan
+    with pytest.raises(ConfigError, match="attention_processes: must be true or false"):
+        DeploymentPlan.from_toml('[plan]\nattention_processes = "yes"\n')
+
+
+@pytest.mark.parametrize("max_model_len,max_num_seqs,micro_batches", [(96, 4, 1), (96, 4, 3), (None, 256, 2)])
+def test_control_channel_holds_the_largest_step_and_reply(max_model_len, max_num_seqs, micro_batches):
+    """The control channel to an attention process is sized from the engine's limits: the largest command
+    (m prefill micro-batches of the most tokens and sequences, logprobs on) and reply fit, with the routing
+    table of a replicated placement."""
+    import pickle
+
+    from msjax.comm.m2n import Routing
+    from msjax.engine.batch import StepBatch
+    from msjax.engine.sampling_params import MAX_LOGPROBS
+    from msjax.runtime.multiprocess import control_bytes, node_inputs
+    from msjax.runtime.sampler import Sampled
+    cfg = tiny_config()
+    ec = EngineConfig(**{**OPTIONS, "max_model_len": max_model_len, "num_pages": 1024, "max_num_seqs": max_num_seqs,
+                         "max_num_batched_tokens": 16 * max_num_seqs})
+    plan = DeploymentPlan(1, 1, 2, 1, micro_batches, transport="shm", attention_processes=True)
+    ctl, res = control_bytes(cfg, ec, plan)
+    t, s = ec.max_num_batched_tokens, ec.max_num_seqs
+    pages = -(-ec.resolved_max_model_len(cfg) // ec.page_size)
+    i32 = lambda *shape: np.full(shape, 2**31 - 1, np.int32)  # noqa: E731
+    f32 = lambda *shape: np.full(shape, 0.5, np.float32)  # noqa: E731
+    big = StepBatch(False, MAX_LOGPROBS, i32(t), i32(t), i32(t), i32(s, pages), i32(s), f32(s), f32(s), i32(s),
+                    np.full(s, 2**32 - 1, np.uint32), i32(s))
+    every = tuple(range(cfg.num_experts))
+    routing = Routing.from_placement((every, every), cfg.num_experts)  # every expert on both nodes
+    rounds = [[[0, t * cfg.top_k]] for _ in range(micro_batches)]
+    command = {"control": [(e, str({"rounds": rounds}).encode()) for e in range(2)],
+               "step": node_inputs([big] * micro_batches), "routing": routing}
+    assert len(pickle.dumps(command)) <= ctl
+    reply = {"sampled": [Sampled(i32(s), f32(s), i32(s, MAX_LOGPROBS), f32(s, MAX_LOGPROBS))
+                         for _ in range(micro_batches)]}  # distinct objects: pickle writes a repeated one once
+    assert len(pickle.dumps(reply)) <= res
+    assert ctl < 2 * len(pickle.dumps(command)) + (1 << 16)  # sized from the limits, not an arbitrary ceiling
 
 
 @pytest.mark.slow
 def test_launch_generates_like_the_single_process_engine(tmp_path):
+    """Every node a process (--attention-processes), the weights read from the checkpoint by each node."""
     plan = tmp_path / "plan.toml"
-    DeploymentPlan(1, 1, 2, 1, 2, transport="tcp").save(plan)
+    DeploymentPlan(2, 1, 2, 1, 2, transport="tcp").save(plan)
     out = subprocess.run([sys.executable, "-m", "msjax.launch", "--plan", str(plan), "--model", "tiny-moe",
-                          "--prompt-ids", "1,2,3,4", "--prompt-ids", "5,6", "--max-tokens", "5", "--json"],
-                         capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          "--prompt-ids", "1,2,3,4", "--prompt-ids", "5,6", "--max-tokens", "5", "--json",
+                          "--attention-processes"], capture_output=True, text=True, timeout=240, cwd=ROOT,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 attention process(es), 2 expert process(es) over tcp" in out.stderr
     import json
 
     from msjax.models import load
@@ -264,9 +358,10 @@ from msjax.config import DeploymentPlan, EngineConfig
 from msjax.models.programs import MoEModel
 from msjax.runtime.multiprocess import MultiProcessRunner
 from tests.model_utils import tiny_config
-r = MultiProcessRunner(MoEModel.random(tiny_config()), EngineConfig(page_size=8, num_pages=24, max_num_seqs=4,
-                       max_num_batched_tokens=32), DeploymentPlan(1, 1, 2, 1, 1, transport=sys.argv[1]))
-print(" ".join(str(p.pid) for p in r.procs), r.channel, flush=True)
+config = EngineConfig(page_size=8, num_pages=24, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96)
+plan = DeploymentPlan(1, 1, 2, 1, 1, transport=sys.argv[1], attention_processes=sys.argv[2] == "1")
+r = MultiProcessRunner(MoEModel.random(tiny_config()), config, plan)
+print(" ".join(str(p.pid) for p in r.procs + r.attention_procs), r.channel, flush=True)
 time.sleep(120)
 """
 
@@ -280,10 +375,10 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_workers_exit_and_clean_up_when_the_engine_is_killed(transport):
-    engine = subprocess.Popen([sys.executable, "-c", ENGINE, transport], stdout=subprocess.PIPE, text=True,
-                              cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+@pytest.mark.parametrize("transport,attention_processes", [("shm", False), ("tcp", False), ("shm", True)])
+def test_workers_exit_and_clean_up_when_the_engine_is_killed(transport, attention_processes):
+    engine = subprocess.Popen([sys.executable, "-c", ENGINE, transport, str(int(attention_processes))],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     pids = []
     try:
         line = engine.stdout.readline().split()  # blocks until the workers are up (start-up times out itself)
@@ -294,7 +389,7 @@ def test_workers_exit_and_clean_up_when_the_engine_is_killed(transport):
         deadline = time.monotonic() + 15
         while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert all(_gone(p) for p in pids), "expert processes outlived the engine"
+        assert all(_gone(p) for p in pids), "node processes outlived the engine"
         time.sleep(0.5)
         assert not list(Path("/dev/shm").glob(f"msjax-m2n-{channel}-*"))
     finally:

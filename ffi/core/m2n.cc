@@ -24,13 +24,17 @@ constexpr auto kWaitRound = std::chrono::milliseconds(50);
 // MSJAX_M2N_POLL_US, default 200 µs. Longer buys latency with CPU time: worth it when every process owns a core
 // (a sleeping vCPU can take hundreds of µs to wake; bench/pipeline_pinned.py polls 20 ms), not when processes
 // outnumber cores (a poller then takes the core from the peer it waits for).
+// A thread may override it for its own waits (m2n_set_thread_poll_us): a process that waits a whole step for
+// a peer on its own core (the engine waiting on an attention process) should sleep at once instead.
+thread_local long thread_poll_us = -1;  // < 0: the process-wide budget
+
 std::chrono::microseconds PollBudget() {
   static const std::chrono::microseconds budget = [] {
     const char* text = std::getenv("MSJAX_M2N_POLL_US");
     long us = text != nullptr ? std::strtol(text, nullptr, 10) : 200;
     return std::chrono::microseconds(us < 0 ? 0 : us);
   }();
-  return budget;
+  return thread_poll_us >= 0 ? std::chrono::microseconds(thread_poll_us) : budget;
 }
 
 uint64_t RoundUp(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -41,6 +45,12 @@ long Futex(const std::atomic<uint32_t>* word, int op, uint32_t value, const time
 }
 
 }  // namespace
+
+long SetThreadPollMicros(long us) {
+  long previous = thread_poll_us;
+  thread_poll_us = us < 0 ? -1 : us;
+  return previous;
+}
 
 std::string Describe(const MessageHeader& h) {
   std::ostringstream s;

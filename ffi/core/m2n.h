@@ -151,6 +151,9 @@ class Mailbox {
 // `peer` between rounds so a dead peer is noticed within ~50 ms. Returns true if the flag changed.
 bool WaitWhileEquals(SlotControl* control, uint32_t value, Clock::time_point deadline, const PeerCheck* peer,
                      Status* peer_status);
+// The calling thread's poll budget for its waits from now on, in µs (< 0: back to MSJAX_M2N_POLL_US);
+// returns the previous setting (-1: the process-wide one).
+long SetThreadPollMicros(long us);
 // Sets the flag and wakes sleepers, if any (no system call otherwise).
 void SetAndWake(SlotControl* control, uint32_t value);
 

@@ -4,6 +4,7 @@ by file path, which keeps benchmark and test worker processes light. msjax.comm.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -92,6 +93,8 @@ def library() -> ctypes.CDLL:
         lib.m2n_validate_header.argtypes = [c.c_void_p, c.c_size_t, c.c_uint32, c.c_uint32, c.c_uint64, c.c_uint32,
                                             c.c_uint32, c.c_uint64, *err]
         lib.m2n_debug_inject.argtypes = [c.c_int64, c.c_uint32, c.c_uint64, c.c_void_p, c.c_size_t, *err]
+        lib.m2n_set_thread_poll_us.argtypes = [c.c_long]
+        lib.m2n_set_thread_poll_us.restype = c.c_long
         lib.m2n_header_bytes.restype = c.c_uint32
         lib.m2n_message_magic.restype = c.c_uint32
         lib.m2n_verbs_devices.argtypes = [c.c_char_p, c.c_size_t]
@@ -107,6 +110,18 @@ def library() -> ctypes.CDLL:
         lib.m2n_verbs_connect.argtypes = [c.c_int64, c.c_uint32, c.c_char_p, c.c_size_t, *err]
         _lib = lib
     return _lib
+
+
+@contextlib.contextmanager
+def thread_poll_us(us: int):
+    """Within the block, the calling thread's M2N waits poll at most `us` µs before sleeping on the futex
+    (MSJAX_M2N_POLL_US is the process-wide budget): for a wait that lasts a whole step, on a core the peer it
+    waits for needs (the engine's process waiting on an attention process)."""
+    previous = library().m2n_set_thread_poll_us(int(us))
+    try:
+        yield
+    finally:
+        library().m2n_set_thread_poll_us(previous)
 
 
 def is_built() -> bool:

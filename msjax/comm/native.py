@@ -21,12 +21,12 @@ import numpy as np
 
 from msjax.comm._lib import (CUDA_LIBRARY, LIBRARY, TRANSPORTS, LibraryNotBuilt, M2NError, M2NTimeout, Receiver,
                              Sender, VerbsReceiver, VerbsSender, _candidates, has_verbs, header_bytes, is_built,
-                             library, message_magic, validate_header, verbs_conninfo_roundtrip, verbs_devices,
-                             verbs_imm)
+                             library, message_magic, thread_poll_us, validate_header, verbs_conninfo_roundtrip,
+                             verbs_devices, verbs_imm)
 
 __all__ = ["CUDA_LIBRARY", "LIBRARY", "TRANSPORTS", "LibraryNotBuilt", "M2NError", "M2NTimeout", "Receiver", "Sender",
            "VerbsReceiver", "VerbsSender", "has_verbs", "header_bytes", "is_built", "library", "m2n_recv",
-           "m2n_recv_all", "m2n_send", "message_magic", "register_ffi_targets", "validate_header",
+           "m2n_recv_all", "m2n_send", "message_magic", "register_ffi_targets", "thread_poll_us", "validate_header",
            "verbs_conninfo_roundtrip", "verbs_devices", "verbs_imm"]
 
 

@@ -11,70 +11,40 @@ data path. A control message {"stop": true} ends it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
 import sys
 
+from msjax.runtime import worker_process
+
 
 def _log(msg: str) -> None:
-    print(f"[expert_worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether the engine process still runs (a zombie does not: its parent has not reaped it yet)."""
-    if os.getppid() != pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _remove_orphaned_segments(spec: dict) -> None:
-    """The engine died without closing: unlink its receivers' shm segments (the names are unique per run)."""
-    if spec["transport"] != "shm":
-        return
-    from pathlib import Path
-    for seg in Path("/dev/shm").glob(f"msjax-m2n-{spec['channel']}-b-r*"):
-        try:
-            seg.unlink()
-        except OSError:
-            pass
+    worker_process.log("expert", msg)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", required=True, help="pickled worker spec written by MultiProcessRunner")
-    args = parser.parse_args(argv)
-    with open(args.spec, "rb") as f:
-        spec = pickle.load(f)
-    os.unlink(args.spec)  # it may hold this node's expert weights: not needed any more
-    parent = os.getppid()
-    try:
-        return serve(spec, parent)
-    finally:
-        if not _alive(parent):  # the engine died without closing: remove what it would have
-            _remove_orphaned_segments(spec)
-            import shutil
-            shutil.rmtree(os.path.dirname(args.spec), ignore_errors=True)
+    return worker_process.main(argv, serve)
 
 
 def serve(spec: dict, parent: int) -> int:
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
-    from jax._src.lib import _jax
 
     from msjax.comm import native
+    from jax.sharding import Mesh
+
+    from msjax.models import sharding
     from msjax.models.layer_states import split_layers
     from msjax.models.modules import ExpertRole
 
     node, n_a, transport = spec["node"], spec["attention_nodes"], spec["transport"]
     cfg, expert_ids = spec["config"], tuple(spec["expert_ids"])
     dtype = jnp.dtype(spec["dtype"])
+    # the node's devices: tensor-parallel over them when several (expert FFN sharded, EXPERT_TP_RULES)
+    mesh = Mesh(np.array(jax.devices()[:spec.get("tp", 1)]), ("tp",))
 
     # -- weights: only this node's experts --
     def load_experts(ids: tuple[int, ...], leaves=None):
@@ -84,25 +54,18 @@ def serve(spec: dict, parent: int) -> int:
             from msjax.checkpoint import load_expert_role
             module = load_expert_role(spec["checkpoint"], cfg, expert_ids=ids, dtype=dtype)
         else:
-            module = nnx.eval_shape(lambda: ExpertRole(cfg, expert_ids=ids, dtype=dtype, rngs=nnx.Rngs(0)))
-            graphdef, abstract = nnx.split(module)
-            treedef = jax.tree.structure(abstract)
-            if len(leaves) != treedef.num_leaves:
-                raise ValueError(f"{len(leaves)} weight arrays for {treedef.num_leaves} leaves")
-            module = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]))
+            module = worker_process.module_from_leaves(
+                lambda: ExpertRole(cfg, expert_ids=ids, dtype=dtype, rngs=nnx.Rngs(0)), leaves)
         if spec.get("kernels"):
             module.kernels = spec["kernels"]
         graphdef, state = nnx.split(module)
+        state = sharding.shard_state(state, sharding.EXPERT_TP_RULES, mesh)
         return graphdef, split_layers(state, cfg.num_layers)  # each layer's weights its own arrays
 
     graphdef, layers = load_experts(expert_ids, spec.get("leaves"))
 
     # -- rendezvous through JAX's coordination service (key-value store) --
-    errors = []
-    client = _jax.get_distributed_runtime_client(
-        spec["coordinator"], node + 1, init_timeout=int(spec["startup_timeout_s"]), shutdown_timeout=5,
-        shutdown_on_destruction=False, missed_heartbeat_callback=lambda *a: errors.append(a))
-    client.connect()
+    client = worker_process.rendezvous_client(spec)
     prefix = spec["prefix"]
     timeout_s = spec["timeout_s"]
     rx = native.Receiver(transport, spec["dispatch_address"], node, n_a, spec["dispatch_bytes"],
@@ -112,20 +75,17 @@ def serve(spec: dict, parent: int) -> int:
     back_addresses = [client.blocking_key_value_get(f"{prefix}/back/{a}", ms) for a in range(n_a)]
     back = native.Sender(transport, back_addresses, node, spec["back_bytes"], timeout_s=timeout_s)
     client.key_value_set(f"{prefix}/ready/{node}", "1")
-    try:
-        client.shutdown()
-    except Exception:  # the engine may have closed the service already: rendezvous is over either way
-        pass
+    worker_process.end_rendezvous(client)
 
-    programs = StepPrograms(cfg, graphdef, expert_ids, rx, back, dtype)
+    programs = StepPrograms(cfg, graphdef, expert_ids, rx, back, dtype, mesh)
 
-    token = jnp.zeros((), jnp.int32)
+    token = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
     _log(f"node {node} ready with experts {list(expert_ids)} over {transport}")
     while True:
         try:
             raw = rx.recv(0, layer=cfg.num_layers, micro_batch=0, timeout_s=1.0)
         except native.M2NTimeout:
-            if not _alive(parent):
+            if not worker_process.alive(parent):
                 _log("engine process is gone; exiting")
                 return 3
             continue
@@ -143,7 +103,7 @@ def serve(spec: dict, parent: int) -> int:
                     os.unlink(msg["leaves"])
                 graphdef, layers = load_experts(ids, leaves)
                 expert_ids = ids
-                programs = StepPrograms(cfg, graphdef, expert_ids, rx, back, dtype)
+                programs = StepPrograms(cfg, graphdef, expert_ids, rx, back, dtype, mesh)
                 _log(f"node {node} now holds experts {list(expert_ids)}")
             except Exception as err:  # noqa: BLE001 - reported to the engine; this node keeps its experts
                 reply = {"error": f"{type(err).__name__}: {err}"}
@@ -166,12 +126,14 @@ class StepPrograms:
     runs a whole step: for every layer and round, receive from each of the round's attention nodes
     (`m2n_recv_all` on `rx`), run the experts, send each attention node its outputs (`m2n_send` on `back`). One
     host call per step (as on the attention side); every m2n call is chained to the previous one through the
-    token, so XLA keeps the channels' order. The profiler times these same programs over a loopback
-    (`msjax.planner.profiler.measure_expert_program`)."""
+    token, so XLA keeps the channels' order. With a `mesh` of several devices (tensor parallelism inside the
+    node) each m2n call is issued by its first device only (`NodeM2N`). The profiler times these same programs
+    over a loopback (`msjax.planner.profiler.measure_expert_program`)."""
 
-    def __init__(self, cfg, graphdef, expert_ids: tuple[int, ...], rx, back, dtype):
+    def __init__(self, cfg, graphdef, expert_ids: tuple[int, ...], rx, back, dtype, mesh=None):
+        from msjax.comm.node_calls import NodeM2N
         self.cfg, self.graphdef, self.expert_ids = cfg, graphdef, tuple(expert_ids)
-        self.rx, self.back, self.dtype = rx, back, dtype
+        self.rx, self.back, self.dtype, self.m2n = rx, back, dtype, NodeM2N(mesh)
         self._programs: dict = {}
 
     def __call__(self, rounds: tuple[tuple[tuple[int, int], ...], ...]):
@@ -183,11 +145,10 @@ class StepPrograms:
         import jax
         import jax.numpy as jnp
 
-        from msjax.comm import native
         from msjax.comm.m2n import Packet
         from msjax.runtime import multiprocess as mp
         from msjax.runtime.disaggregated import expert_step
-        cfg, graphdef, rx, back, dtype = self.cfg, self.graphdef, self.rx, self.back, self.dtype
+        cfg, graphdef, rx, back, dtype, m2n = self.cfg, self.graphdef, self.rx, self.back, self.dtype, self.m2n
         hidden, num_local = cfg.hidden_size, len(self.expert_ids)
 
         def step(layers, token):
@@ -195,8 +156,8 @@ class StepPrograms:
                 for i, caps in enumerate(rounds):
                     packets = []
                     likes = [jax.ShapeDtypeStruct((cap, mp.row_bytes(hidden, dtype)), jnp.uint8) for _, cap in caps]
-                    bufs, counts = native.m2n_recv_all(rx, senders=[a for a, _ in caps], likes=likes, layer=layer,
-                                                       micro_batch=i, after=token)
+                    bufs, counts = m2n.recv_all(rx, senders=[a for a, _ in caps], likes=likes, layer=layer,
+                                                micro_batch=i, after=token)
                     token = counts[-1]
                     for j, ((_, cap), buf) in enumerate(zip(caps, bufs)):
                         rows, ids = mp.unpack_rows(buf, hidden, dtype)
@@ -204,8 +165,7 @@ class StepPrograms:
                         packets.append(Packet(rows=rows, expert_ids=ids, count=counts[j]))
                     outs = expert_step(graphdef, layers[layer], layer, tuple(packets))
                     for (a, _), out, p in zip(caps, outs, packets):
-                        token = native.m2n_send(out, p.count, back, receiver=a, layer=layer, micro_batch=i,
-                                                after=token)
+                        token = m2n.send(out, p.count, back, receiver=a, layer=layer, micro_batch=i, after=token)
             return token
         return jax.jit(step)
 

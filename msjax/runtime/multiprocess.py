@@ -1,25 +1,31 @@
 """Disaggregated expert parallelism over processes on one host (plans with transport "shm" or "tcp").
 
-The engine's process runs the attention node(s); every expert node is its own process
-(`msjax.runtime.expert_worker`, JAX on CPU) holding only its experts. Packets and expert outputs move through
-the native M2N library's `m2n_send` / `m2n_recv` custom calls inside the jitted programs on both sides: the
-attention program packs and sends, the combine program receives and sums; only valid rows travel.
+Every expert node is its own process (`msjax.runtime.expert_worker`, JAX on CPU) holding only its experts. The
+attention nodes run in the engine's process, or with the plan's `attention_processes` each in a process of its
+own too (`msjax.runtime.attention_worker`: its weights, its KV cache, its step program), the engine's process
+then only scheduling. Packets and expert outputs move through the native M2N library's `m2n_send` / `m2n_recv`
+custom calls inside the jitted programs on both sides: the attention program packs and sends, then receives and
+combines; only valid rows travel.
 
 Per step, attention node 0 first sends every expert node a small control message (JSON: per round, the active
 attention nodes and their packet capacities), so the expert processes compile one program per shape and know
 how many (layer, micro-batch) rounds follow. Each packet travels as bytes [capacity, hidden*itemsize + 4]: the
-row, then its local expert id (int32).
+row, then its local expert id (int32). Attention processes get their step from the engine over an M2N control
+channel of their own (pickled packed inputs, `node_inputs`; node 0's command also carries the expert nodes'
+control message, which it sends ahead of its packets) and answer with the sampled tokens.
 
 Rendezvous: the runner starts a JAX distributed runtime service (the coordination service behind
-`jax.distributed`, used here only as a key-value store, without making the processes one JAX cluster); the
-engine publishes its receivers' addresses, each worker its own, and everyone shuts the client down once the
+`jax.distributed`, used here only as a key-value store, without making the processes one JAX cluster); each
+process publishes its receivers' addresses, reads the others', and everyone shuts the client down once the
 endpoints are open.
 
 Re-placement (`set_placement`, `Engine.rebalance`): between steps, a control message tells each changed expert
 process which experts to hold; it loads them and answers on its back channel before the routing changes.
 
-Limits of this first slice: tp_a = tp_e = 1 (a sharded program would issue the custom calls once per device),
-CPU only.
+Tensor parallelism inside a node (tp_a, tp_e > 1): the node's program runs SPMD over its devices, with each
+m2n call issued by its first device and what it receives given to all (`msjax.comm.node_calls.NodeM2N`).
+Node processes run JAX on CPU (tp host devices each); on GPUs the attention nodes held by the engine's process
+can use its devices.
 """
 
 from __future__ import annotations
@@ -128,51 +134,74 @@ def _close_all() -> None:
         runner.close()
 
 
+def node_inputs(node: list[StepBatch]) -> dict:
+    """Micro-batches `node` of one attention node as host arrays and the static arguments of its step program
+    (what an attention process receives per step): inputs ((int32 [...], float32 [...]) per micro-batch),
+    layouts, decodes, num_logprobs."""
+    packed = [pack_step_inputs(b) for b in node]
+    return dict(inputs=tuple((ints, floats) for ints, floats, _ in packed),
+                layouts=tuple(layout for *_, layout in packed), decodes=tuple(b.decode for b in node),
+                num_logprobs=tuple(b.num_logprobs for b in node))
+
+
 def step_args(node: list[StepBatch], device, routing) -> dict:
     """The keyword arguments of an attention step program for micro-batches `node`, inputs on `device`."""
-    packed = [pack_step_inputs(b) for b in node]
-    return dict(inputs=jax.device_put(tuple((ints, floats) for ints, floats, _ in packed), device),
-                layouts=tuple(layout for *_, layout in packed), decodes=tuple(b.decode for b in node),
-                num_logprobs=tuple(b.num_logprobs for b in node), routing=routing)
+    args = node_inputs(node)
+    return {**args, "inputs": jax.device_put(args["inputs"], device), "routing": routing}
+
+
+def control_bytes(model_cfg, engine_config: EngineConfig, plan: DeploymentPlan) -> tuple[int, int]:
+    """Capacities of the control channel to an attention process: its largest command (one step's packed inputs,
+    `node_inputs`, for m micro-batches of the most tokens and sequences the engine schedules, with the expert
+    nodes' control message and a routing table) and its largest reply (the sampled tokens of m micro-batches,
+    logprobs included), each with room for pickle's framing."""
+    from msjax.engine.sampling_params import MAX_LOGPROBS
+    ec, m = engine_config, plan.micro_batches
+    tokens, seqs = max(ec.max_num_batched_tokens, ec.max_num_seqs, 1), ec.max_num_seqs
+    pages = -(-ec.resolved_max_model_len(model_cfg) // ec.page_size)
+    per_micro_batch = 4 * (3 * tokens + seqs * (pages + 4)) + 8 * seqs  # int32 and float32 arrays
+    slack = (1 << 16) + 64 * model_cfg.num_experts * plan.expert_nodes  # framing, control message, routing
+    return m * per_micro_batch + slack, m * seqs * 8 * (1 + MAX_LOGPROBS) + slack
 
 
 class AttentionStepProgram:
     """One attention node's decode/prefill step as one jitted program (`jitted(graphdef, layers, inputs, kv,
     token, load_total, **static)`), sending packets to the expert nodes through `tx` and receiving their
-    outputs through `back`; `layers[l]` is the node's weights for layer l (`split_layers`). The runner calls it
-    with the expert processes at the other end; the profiler with a loopback
-    (`msjax.planner.profiler.measure_attention_program`)."""
+    outputs through `back`; `layers[l]` is the node's weights for layer l (`split_layers`). With a `mesh` of
+    several devices (tensor parallelism inside the node) the program runs SPMD over them and each m2n call is
+    issued by the first device only (`NodeM2N`). The runner calls it with the expert processes at the other end;
+    the profiler with a loopback (`msjax.planner.profiler.measure_attention_program`)."""
 
-    def __init__(self, cfg, tx, back, dtype):
+    def __init__(self, cfg, tx, back, dtype, mesh=None):
+        from msjax.comm.node_calls import NodeM2N
         self.cfg, self.tx, self.back, self.dtype = cfg, tx, back, jnp.dtype(dtype)
+        self.m2n = NodeM2N(mesh)
         self.jitted = jax.jit(self._step_body(),
                               static_argnames=("graphdef", "layouts", "decodes", "num_logprobs", "routing"),
                               donate_argnames=("kv", "load_total"))
 
     def _send_body(self):
         """Attention of one (layer, micro-batch), then its packets to every expert node (m2n_send)."""
-        from msjax.comm import native
-        tx = self.tx
+        tx, m2n = self.tx, self.m2n
 
         def send(graphdef, state, layer, micro_batch, h, moe, batch, kv, token, load_total, *, decode, routing):
             h, packets, orders, _, weights, load, kv = attention_step(graphdef, state, layer, h, moe, batch, kv,
                                                                       decode=decode, routing=routing)
             for e, p in enumerate(packets):  # each send after the previous m2n call
-                token = native.m2n_send(pack_rows(p.rows, p.expert_ids), p.count, tx, receiver=e, layer=layer,
-                                        micro_batch=micro_batch, after=token)
+                token = m2n.send(pack_rows(p.rows, p.expert_ids), p.count, tx, receiver=e, layer=layer,
+                                 micro_batch=micro_batch, after=token)
             return h, orders, weights, load_total + load, kv, token
         return send
 
     def _recv_body(self):
         """The expert outputs of one (layer, micro-batch) back from every expert node (m2n_recv_all), combined."""
-        from msjax.comm import native
-        rx, hidden, dtype = self.back, self.cfg.hidden_size, self.dtype
+        rx, hidden, dtype, m2n = self.back, self.cfg.hidden_size, self.dtype, self.m2n
 
         def recv(layer, micro_batch, orders, weights, token):
             # one call for every expert node (after the previous m2n call), their outputs taken as they come
             likes = [jax.ShapeDtypeStruct((order.shape[0], hidden), dtype) for order in orders]
-            outs, counts = native.m2n_recv_all(rx, senders=list(range(len(orders))), likes=likes, layer=layer,
-                                               micro_batch=micro_batch, after=token)
+            outs, counts = m2n.recv_all(rx, senders=list(range(len(orders))), likes=likes, layer=layer,
+                                        micro_batch=micro_batch, after=token)
             return combine_step(tuple(outs), orders, weights), counts[-1]
         return recv
 
@@ -221,11 +250,61 @@ class AttentionStepProgram:
         return step
 
 
-class MultiProcessRunner:
-    """`run(batches) -> sampled` like `DisaggregatedRunner`, with each expert node in its own process.
+class AttentionNode:
+    """One attention node on its devices (tensor-parallel over them when several: heads and KV heads sharded as
+    in the in-process runtime, `ATTENTION_TP_RULES`): its weights (one state per layer, `split_layers`), KV
+    cache, expert-load counter, the token that orders its m2n calls, and its `AttentionStepProgram` sending on
+    `tx` and receiving on `back`. The runner holds one per node in the engine's process, or an attention process
+    holds it (`msjax.runtime.attention_worker`)."""
 
-    `checkpoint`: an HF checkpoint directory the workers read their experts from; without it the runner hands
-    them the model's expert weights (a temporary file). Use as a context manager or call `close()`."""
+    def __init__(self, cfg, engine_config: EngineConfig, graphdef, state, devices: list, tx, back, dtype):
+        from jax.sharding import Mesh
+
+        from msjax.models import sharding
+        self.cfg, self.graphdef = cfg, graphdef
+        mesh = Mesh(np.array(devices), ("tp",))
+        self.replicated = sharding.replicated(mesh)
+        # each layer's weights as their own arrays: the step program runs every layer, and slicing a stacked
+        # array inside it made XLA copy each layer's weights
+        self.layers = split_layers(sharding.shard_state(state, sharding.ATTENTION_TP_RULES, mesh), cfg.num_layers,
+                                   AttentionRole.SHARED_PARAMS)
+        ec = engine_config
+        shape = (cfg.num_layers * ec.num_pages, ec.page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv = KVCache.create(cfg, ec.num_pages, ec.page_size, dtype=dtype,
+                                 sharding=sharding.kv_sharding(shape, sharding.ATTENTION_TP_RULES, mesh))
+        # [num_experts] tokens routed per expert since the last read, added to inside the step program
+        self.load = jax.device_put(jnp.zeros(cfg.num_experts, jnp.int32), self.replicated)
+        self.token = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+        self.program = AttentionStepProgram(cfg, tx, back, dtype, mesh)
+
+    def _args(self, inputs: dict, routing) -> dict:
+        return {**inputs, "inputs": jax.device_put(inputs["inputs"], self.replicated), "kv": self.kv,
+                "token": self.token, "load_total": self.load, "routing": routing}
+
+    def step(self, inputs: dict, routing) -> tuple:
+        """Runs one step (`node_inputs`), enqueued without waiting -> Sampled per micro-batch, on the device."""
+        out, self.kv, self.token, self.load = self.program.jitted(self.graphdef, self.layers,
+                                                                  **self._args(inputs, routing))
+        return out
+
+    def lower(self, inputs: dict, routing, *, compiled: bool = False) -> str:
+        lowered = self.program.jitted.lower(self.graphdef, self.layers, **self._args(inputs, routing))
+        return lowered.compile().as_text() if compiled else lowered.as_text()
+
+    def read_load(self) -> np.ndarray:
+        """[num_experts] tokens routed per expert since the last read."""
+        load, self.load = np.asarray(self.load), jnp.zeros_like(self.load)
+        return load
+
+
+class MultiProcessRunner:
+    """`run(batches) -> sampled` like `DisaggregatedRunner`, with each expert node in its own process, and with
+    the plan's `attention_processes` each attention node too: the engine's process then only schedules,
+    sending each attention node its step's inputs and reading back the sampled tokens over the same M2N library
+    (a control channel beside the data path), while the nodes exchange packets directly.
+
+    `checkpoint`: an HF checkpoint directory the workers read their weights from; without it the runner hands
+    them the model's weights (a temporary file). Use as a context manager or call `close()`."""
 
     def __init__(self, model: MoEModel, cfg: EngineConfig, plan: DeploymentPlan, devices=None, *,
                  checkpoint: str | os.PathLike | None = None, timeout_s: float = 60.0,
@@ -234,140 +313,177 @@ class MultiProcessRunner:
             raise ConfigError("transport", f"the multi-process runner needs 'shm' or 'tcp', got {plan.transport!r}")
         if plan.is_colocated:
             raise ConfigError("plan", "a colocated plan has no expert nodes to put in processes")
-        if plan.attention_tp != 1 or plan.expert_tp != 1:
-            raise ConfigError("plan", "multi-process deployment supports attention_tp = expert_tp = 1 so far")
-        plan.validate(model.cfg, plan.num_devices)  # devices: only the attention nodes live here
+        plan.validate(model.cfg, plan.num_devices)  # devices: at most the attention nodes live here
+        self.attention_processes = plan.attention_processes
         devices = list(devices if devices is not None else jax.devices())
-        if len(devices) < plan.attention_nodes:
-            raise ConfigError("plan", f"needs {plan.attention_nodes} devices for attention, {len(devices)} exist")
+        need = plan.attention_nodes * plan.attention_tp
+        if not self.attention_processes and len(devices) < need:
+            raise ConfigError("plan", f"needs {need} devices for attention here, {len(devices)} exist")
+        if (not self.attention_processes and plan.attention_nodes > 1 and plan.attention_tp > 1
+                and devices[0].platform == "cpu"):
+            # XLA:CPU launches one program with collectives at a time per process: node 1's step would wait for
+            # node 0's to finish, and node 0's waits on expert outputs that need node 1's packets
+            raise ConfigError("attention_processes", f"{plan.attention_nodes} attention nodes with attention_tp = "
+                              f"{plan.attention_tp} cannot share one process on CPU (XLA:CPU runs one program with "
+                              "collectives at a time, and each node's step waits on the others' packets): set "
+                              "attention_processes = true")
         self.cfg, self.plan, self.engine_config = model.cfg, plan, cfg
         # where re-placed experts come from: the workers read the checkpoint, or the runner hands them weights
         self._checkpoint, self._model = (str(checkpoint), None) if checkpoint else (None, model)
+        self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
         self.closed = False
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # expert node e's process
+        self.attention_procs: list[subprocess.Popen] = []  # attention node a's process (attention_processes)
+        self.nodes: list[AttentionNode] = []  # the attention nodes held here (not attention_processes)
         self._tmp = tempfile.mkdtemp(prefix="msjax-mp-")
         self._service = self._client = None
-        self.tx, self.back = [], []
+        self.tx, self.back = [], []  # attention nodes held here: their endpoints to the expert nodes
+        self._ctl = self._res = None  # attention processes: the control channel to them and their replies
         _LIVE.add(self)
         try:
-            self._start(model, devices, checkpoint, timeout_s, startup_timeout_s, python or sys.executable)
+            self._start(model, devices, checkpoint, python or sys.executable)
         except BaseException:
             self.close()
             raise
 
     # -- start-up ---------------------------------------------------------------------------------------------
 
-    def _start(self, model, devices, checkpoint, timeout_s, startup_timeout_s, python):
+    def _start(self, model, devices, checkpoint, python):
         from jax._src.lib import _jax
 
         from msjax.comm import native
-        plan, mcfg = self.plan, model.cfg
+        plan, mcfg, ec = self.plan, model.cfg, self.engine_config
         n_a, n_e = plan.attention_nodes, plan.expert_nodes
-        self.devices = devices[:n_a]
         self.placement = plan.expert_placement(mcfg.num_experts)
         self.routing = Routing.from_placement(self.placement, mcfg.num_experts)
         self.dtype = jnp.dtype(model.dtype)
         self.hidden = mcfg.hidden_size
-        self.max_tokens = max(self.engine_config.max_num_batched_tokens, self.engine_config.max_num_seqs, 1)
+        self.max_tokens = max(ec.max_num_batched_tokens, ec.max_num_seqs, 1)
         cap = self.max_tokens * mcfg.top_k
         dispatch_bytes = max(cap * row_bytes(self.hidden, self.dtype), 1 << 16)
         back_bytes = cap * self.hidden * self.dtype.itemsize
         self.channel = f"mp{uuid.uuid4().hex[:10]}"
-        local = "127.0.0.1:0"
-        dispatch_address = f"{self.channel}-d" if plan.transport == "shm" else local
-        back_address = f"{self.channel}-b" if plan.transport == "shm" else local
 
-        # attention side state, as DisaggregatedRunner, one device per node
-        self.attention_def = model.attention_def
-        # each layer's weights as their own arrays (split_layers): the step program runs every layer, and slicing
-        # a stacked array inside it made XLA copy each layer's weights
-        self.attention_layers = [split_layers(jax.device_put(model.attention_state, d), mcfg.num_layers,
-                                              AttentionRole.SHARED_PARAMS) for d in self.devices]
-        ec = self.engine_config
-        self.kv = [jax.device_put(KVCache.create(mcfg, ec.num_pages, ec.page_size, dtype=model.dtype), d)
-                   for d in self.devices]
-        # [num_experts] tokens routed per expert since the last read, one counter per attention node on its
-        # device, added to inside the send program (no eager op or transfer per layer)
-        self._loads = [jax.device_put(jnp.zeros(mcfg.num_experts, jnp.int32), d) for d in self.devices]
-        kernels = getattr(nnx.merge(model.expert_def, model.expert_state), "kernels", None)
+        def address(tag: str) -> str:  # shm: a channel name shared by its receivers; tcp: bind any port
+            return f"{self.channel}-{tag}" if plan.transport == "shm" else "127.0.0.1:0"
 
-        port = _free_port()
-        coordinator = f"127.0.0.1:{port}"
-        self._service = _jax.get_distributed_runtime_service(coordinator, n_e + 1, shutdown_timeout=5)
+        remote = self.attention_processes
+        coordinator = self._service_address = f"127.0.0.1:{_free_port()}"
+        self._service = _jax.get_distributed_runtime_service(coordinator, 1 + n_e + (n_a if remote else 0),
+                                                             shutdown_timeout=5)
         prefix = f"msjax/{self.channel}"
+        common = dict(channel=self.channel, transport=plan.transport, config=mcfg, dtype=self.dtype.name,
+                      coordinator=coordinator, prefix=prefix, timeout_s=self.timeout_s,
+                      startup_timeout_s=self.startup_timeout_s, attention_nodes=n_a, expert_nodes=n_e,
+                      dispatch_address=address("d"), dispatch_bytes=dispatch_bytes, back_address=address("b"),
+                      back_bytes=back_bytes, checkpoint=str(checkpoint) if checkpoint else None)
+        kernels = getattr(nnx.merge(model.expert_def, model.expert_state), "kernels", None)
         for e, experts in enumerate(self.placement):
-            spec = dict(node=e, channel=self.channel, attention_nodes=n_a, transport=plan.transport, config=mcfg,
-                        expert_ids=experts, dtype=self.dtype.name, kernels=kernels, coordinator=coordinator,
-                        prefix=prefix, timeout_s=timeout_s, startup_timeout_s=startup_timeout_s,
-                        dispatch_address=dispatch_address, dispatch_bytes=dispatch_bytes, back_bytes=back_bytes,
-                        checkpoint=str(checkpoint) if checkpoint else None)
+            spec = dict(common, node=e, client_id=1 + e, expert_ids=experts, kernels=kernels, tp=plan.expert_tp)
             if not checkpoint:
                 _, state = expert_subset(model, experts)
                 spec["leaves"] = [np.asarray(x) for x in jax.tree.leaves(state)]
-            path = Path(self._tmp) / f"worker{e}.pkl"
-            path.write_bytes(pickle.dumps(spec))
-            env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-                   "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                         if "host_platform_device_count" not in f)}
-            root = str(Path(__file__).resolve().parents[2])
-            env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
-            log = open(Path(self._tmp) / f"worker{e}.log", "wb")
-            self.procs.append(subprocess.Popen([python, "-m", "msjax.runtime.expert_worker", "--spec", str(path)],
-                                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                               env=env, start_new_session=True))
-            log.close()
+            self.procs.append(self._spawn("expert", e, spec, python))
+        if remote:
+            self.ctl_bytes, self.res_bytes = control_bytes(mcfg, ec, plan)
+            kernels = getattr(nnx.merge(model.attention_def, model.attention_state), "kernels", None)
+            leaves = None if checkpoint else [np.asarray(x) for x in jax.tree.leaves(model.attention_state)]
+            for a in range(n_a):
+                spec = dict(common, node=a, client_id=1 + n_e + a, engine_config=ec, routing=self.routing,
+                            kernels=kernels, tp=plan.attention_tp, ctl_address=address("c"), ctl_bytes=self.ctl_bytes,
+                            res_address=address("f"), res_bytes=self.res_bytes, leaves=leaves)
+                self.attention_procs.append(self._spawn("attention", a, spec, python))
+            self._node_routing = [self.routing] * n_a  # the routing each attention process holds
+            # receivers first (tcp binds here), then publish, then wait for the others'
+            self._res = native.Receiver(plan.transport, address("f"), 0, n_a, self.res_bytes,
+                                        timeout_s=self.timeout_s)
+            found = self._rendezvous({f"{prefix}/res": self._res.address}, [f"{prefix}/ctl/{a}" for a in range(n_a)])
+        else:
+            tp = plan.attention_tp  # node a: devices [a tp, (a + 1) tp)
+            self.devices = [devices[a * tp:(a + 1) * tp] for a in range(n_a)]
+            self.back = [native.Receiver(plan.transport, address("b"), a, n_e, back_bytes, timeout_s=self.timeout_s)
+                         for a in range(n_a)]
+            found = self._rendezvous({f"{prefix}/back/{a}": rx.address for a, rx in enumerate(self.back)},
+                                     [f"{prefix}/dispatch/{e}" for e in range(n_e)])
+        # opening a sender waits for every receiver (tcp connects here)
+        try:
+            if remote:
+                self._ctl = native.Sender(plan.transport, found, 0, self.ctl_bytes, timeout_s=self.timeout_s)
+            else:
+                self.tx = [native.Sender(plan.transport, found, a, dispatch_bytes, timeout_s=self.timeout_s)
+                           for a in range(n_a)]
+        except native.M2NError as err:
+            self._check_workers("while connecting")
+            raise WorkerError(f"cannot reach the node processes: {err}" + self._logs()) from err
+        # every node has opened its senders: the key-value store is no longer needed
+        self._await_keys([f"{prefix}/ready/{e}" for e in range(n_e)]
+                         + [f"{prefix}/ready-attention/{a}" for a in range(n_a) if remote])
+        self._stop_coordination()
+        if not remote:
+            self.nodes = [AttentionNode(mcfg, ec, model.attention_def, model.attention_state, d, self.tx[a],
+                                        self.back[a], self.dtype) for a, d in enumerate(self.devices)]
 
-        # receivers first (tcp binds here), then publish, then wait for the workers'
-        self.back = [native.Receiver(plan.transport, back_address, a, n_e, back_bytes, timeout_s=timeout_s)
-                     for a in range(n_a)]
+    def _spawn(self, kind: str, index: int, spec: dict, python: str) -> subprocess.Popen:
+        """Starts `python -m msjax.runtime.{kind}_worker` for node `index` (JAX on CPU, as many devices as the
+        node's tp), its spec in a file."""
+        path = Path(self._tmp) / f"{kind}{index}.pkl"
+        path.write_bytes(pickle.dumps(spec))
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        if spec["tp"] > 1:
+            flags.append(f"--xla_force_host_platform_device_count={spec['tp']}")
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "XLA_FLAGS": " ".join(flags)}
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
+        with open(Path(self._tmp) / f"{kind}{index}.log", "wb") as log:
+            return subprocess.Popen([python, "-m", f"msjax.runtime.{kind}_worker", "--spec", str(path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+
+    def _rendezvous(self, publish: dict[str, str], wanted: list[str]) -> list[str]:
+        """Publishes `publish` in the coordination service's key-value store and returns the values of `wanted`
+        (the node processes' addresses), failing fast when a node process exits."""
+        from jax._src.lib import _jax
         errors: list = []  # missed heartbeats: reported through the failing calls below
         self._client = _jax.get_distributed_runtime_client(
-            coordinator, 0, init_timeout=int(startup_timeout_s), shutdown_timeout=5, shutdown_on_destruction=False,
-            missed_heartbeat_callback=lambda *a: errors.append(a))
+            self._service_address, 0, init_timeout=int(self.startup_timeout_s), shutdown_timeout=5,
+            shutdown_on_destruction=False, missed_heartbeat_callback=lambda *a: errors.append(a))
         box: dict = {}
 
-        def rendezvous():
+        def exchange():
             try:
                 self._client.connect()
-                for a, rx in enumerate(self.back):
-                    self._client.key_value_set(f"{prefix}/back/{a}", rx.address)
-                ms = int(startup_timeout_s * 1000)
-                box["dispatch"] = [self._client.blocking_key_value_get(f"{prefix}/dispatch/{e}", ms)
-                                   for e in range(n_e)]
+                for key, value in publish.items():
+                    self._client.key_value_set(key, value)
+                ms = int(self.startup_timeout_s * 1000)
+                box["found"] = [self._client.blocking_key_value_get(key, ms) for key in wanted]
             except Exception as err:  # noqa: BLE001 - reported below
                 box["error"] = err
 
-        thread = threading.Thread(target=rendezvous, daemon=True)
+        thread = threading.Thread(target=exchange, daemon=True)
         thread.start()
-        deadline = time.monotonic() + startup_timeout_s
+        deadline = time.monotonic() + self.startup_timeout_s
         while thread.is_alive():
             self._check_workers("while starting")
             if time.monotonic() > deadline:
-                raise WorkerError(f"expert processes did not start within {startup_timeout_s:.0f} s"
+                raise WorkerError(f"node processes did not start within {self.startup_timeout_s:.0f} s"
                                   + self._logs())
             thread.join(0.1)
         if "error" in box:
             self._check_workers("while starting")
             raise WorkerError(f"rendezvous failed: {box['error']}" + self._logs())
-        # opening a sender waits for every receiver (tcp connects here)
-        try:
-            self.tx = [native.Sender(plan.transport, box["dispatch"], a, dispatch_bytes, timeout_s=timeout_s)
-                       for a in range(n_a)]
-        except native.M2NError as err:
-            self._check_workers("while connecting")
-            raise WorkerError(f"cannot reach the expert processes: {err}" + self._logs()) from err
-        for e in range(n_e):  # every worker has opened its back sender: the key-value store is no longer needed
+        return box["found"]
+
+    def _await_keys(self, keys: list[str]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        for key in keys:
             while True:
                 self._check_workers("while starting")
                 try:
-                    self._client.blocking_key_value_get(f"{prefix}/ready/{e}", 200)
+                    self._client.blocking_key_value_get(key, 200)
                     break
                 except Exception:  # noqa: BLE001 - not yet
                     if time.monotonic() > deadline:
-                        raise WorkerError(f"expert node {e} did not get ready" + self._logs()) from None
-        self._stop_coordination()
-        self._programs: dict = {}  # attention node -> its AttentionStepProgram
-        self._tokens = [jnp.zeros((), jnp.int32, device=d) for d in self.devices]
+                        raise WorkerError(f"{key.rsplit('/', 2)[-2:]} did not get ready" + self._logs()) from None
 
     def _stop_coordination(self) -> None:
         client, service, self._client, self._service = self._client, self._service, None, None
@@ -378,39 +494,68 @@ class MultiProcessRunner:
                 except Exception:  # noqa: BLE001 - best effort on the way out
                     pass
 
+    def _workers(self):
+        """(name, log file, process) of every node process."""
+        for kind, procs in (("expert", self.procs), ("attention", self.attention_procs)):
+            for i, p in enumerate(procs):
+                yield f"{kind} node {i}", Path(self._tmp) / f"{kind}{i}.log", p
+
     def _logs(self, lines: int = 30) -> str:
         out = []
-        for e in range(len(self.procs)):
-            path = Path(self._tmp) / f"worker{e}.log"
+        for name, path, p in self._workers():
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"\n--- expert node {e} (pid {self.procs[e].pid}) log tail ---\n" + "\n".join(tail))
+                out.append(f"\n--- {name} (pid {p.pid}) log tail ---\n" + "\n".join(tail))
         return "".join(out)
 
     def _check_workers(self, when: str) -> None:
-        for e, p in enumerate(self.procs):
+        for name, _, p in self._workers():
             if p.poll() is not None:
-                raise WorkerError(f"expert node {e} (pid {p.pid}) exited with code {p.returncode} {when}"
-                                  + self._logs())
+                raise WorkerError(f"{name} (pid {p.pid}) exited with code {p.returncode} {when}" + self._logs())
+
+    # -- the attention processes' control channel -------------------------------------------------------------
+
+    def _command(self, a: int, command: dict, timeout_s: float = -1) -> None:
+        data = pickle.dumps(command)
+        if len(data) > self.ctl_bytes:
+            raise ValueError(f"a control message of {len(data)} bytes for attention node {a} exceeds the channel's "
+                             f"{self.ctl_bytes}")
+        self._ctl.send(a, data, timeout_s=timeout_s)
+
+    def _reply(self, a: int) -> dict:
+        """Attention node a's answer to its last command. Waits while every node process lives (a step's first
+        call compiles), for at most startup + exchange timeout; an error the node reports is raised here."""
+        from msjax.comm import native
+        deadline = time.monotonic() + self.startup_timeout_s + self.timeout_s
+        while True:
+            try:
+                with native.thread_poll_us(0):  # a step-long wait: sleep, leave the core to the node processes
+                    reply = pickle.loads(self._res.recv(a, timeout_s=1.0))
+                break
+            except native.M2NTimeout:
+                self._check_workers("during the step")
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"attention node {a} did not answer within "
+                                      f"{self.startup_timeout_s + self.timeout_s:.0f} s") from None
+        if "error" in reply:
+            raise RuntimeError(f"attention node {a}: {reply['error']}")
+        return reply
 
     # -- programs ---------------------------------------------------------------------------------------------
 
+    def _local(self, a: int) -> AttentionNode:
+        if self.attention_processes:
+            raise RuntimeError("the attention nodes run in their own processes (the plan's attention_processes)")
+        return self.nodes[a]
+
     def _step_program(self, a: int):
         """Attention node a's jitted step program (`AttentionStepProgram`): one compile per step signature."""
-        if a not in self._programs:
-            self._programs[a] = AttentionStepProgram(self.cfg, self.tx[a], self.back[a], self.dtype)
-        return self._programs[a].jitted
-
-    def _step_args(self, a: int, node: list[StepBatch]):
-        return step_args(node, self.devices[a], self.routing)
+        return self._local(a).program.jitted
 
     def lower_attention(self, node: list[StepBatch], a: int = 0, *, compiled: bool = False) -> str:
         """HLO text of attention node a's step program for the micro-batches `node` (it holds the custom calls):
         as lowered, or with `compiled` as XLA scheduled it (the order the node runs it in)."""
-        lowered = self._step_program(a).lower(self.attention_def, self.attention_layers[a], kv=self.kv[a],
-                                              token=self._tokens[a], load_total=self._loads[a],
-                                              **self._step_args(a, node))
-        return lowered.compile().as_text() if compiled else lowered.as_text()
+        return self._local(a).lower(node_inputs(node), self.routing, compiled=compiled)
 
     # -- the step ---------------------------------------------------------------------------------------------
 
@@ -419,11 +564,23 @@ class MultiProcessRunner:
         """One entry per expert node (their devices live in other processes); what `Engine.rebalance` counts."""
         return [None] * len(self.procs)
 
+    def _to_experts(self, messages: list[tuple[int, bytes]], replies: list[int] = ()) -> list[bytes]:
+        """Control messages to expert nodes on attention node 0's dispatch channel (between steps, or ahead of a
+        step's packets), then the answers of expert nodes `replies` on its back channel."""
+        layer = self.cfg.num_layers  # control messages carry a layer no packet has
+        if self.attention_processes:
+            self._command(0, {"control": messages, "replies": list(replies)})
+            return self._reply(0).get("replies", [])
+        for e, message in messages:
+            self.tx[0].send(e, message, layer=layer, micro_batch=0)
+        return [self.back[0].recv(e, layer=layer, micro_batch=0) for e in replies]
+
     def set_placement(self, placement, shares=None) -> None:
         """Re-place the experts between steps (`Engine.rebalance`): each expert process whose experts change
         loads them (from the checkpoint, or from a file of weights the runner writes) and acknowledges before
         routing changes. If a node cannot load, the nodes that did are put back and the runner keeps its old
-        placement (a clear error); requests in flight are untouched either way (their KV caches live here)."""
+        placement (a clear error); requests in flight are untouched either way (their KV caches live in the
+        attention nodes)."""
         if self.closed:
             raise WorkerError("the multi-process runner is closed")
         placement = tuple(tuple(int(x) for x in node) for node in placement)
@@ -444,8 +601,8 @@ class MultiProcessRunner:
         self.placement, self.routing = placement, routing
 
     def _place(self, nodes: dict[int, tuple[int, ...]]) -> dict[int, str]:
-        """Tells expert node e to hold experts nodes[e] (a control message on the dispatch channel, between
-        steps) and waits for each answer on its back channel to attention node 0. -> {node: error}."""
+        """Tells expert node e to hold experts nodes[e] and waits for each answer. -> {node: error}."""
+        messages = []
         for e, experts in nodes.items():
             message = {"place": list(experts)}
             if self._checkpoint is None:  # the worker has no checkpoint to read: hand it the weights
@@ -453,28 +610,33 @@ class MultiProcessRunner:
                 path = Path(self._tmp) / f"place{e}.pkl"
                 path.write_bytes(pickle.dumps([np.asarray(x) for x in jax.tree.leaves(state)]))
                 message["leaves"] = str(path)
-            self.tx[0].send(e, json.dumps(message).encode(), layer=self.cfg.num_layers, micro_batch=0)
-        errors = {}
-        for e in nodes:
-            try:
-                reply = json.loads(self.back[0].recv(e, layer=self.cfg.num_layers, micro_batch=0).decode())
-            except Exception as err:  # noqa: BLE001 - a dead or silent worker: the runner cannot go on
-                self._check_workers("while re-placing experts")
-                self.close()
-                raise WorkerError(f"expert node {e} did not answer the re-placement: {err}" + self._logs()) from err
-            if "error" in reply:
-                errors[e] = reply["error"]
-        return errors
+            messages.append((e, json.dumps(message).encode()))
+        try:
+            replies = self._to_experts(messages, list(nodes))
+        except Exception as err:  # noqa: BLE001 - a dead or silent worker: the runner cannot go on
+            self._check_workers("while re-placing experts")
+            self.close()
+            raise WorkerError(f"expert nodes {list(nodes)} did not answer the re-placement: {err}"
+                              + self._logs()) from err
+        return {e: reply["error"] for e, reply in zip(nodes, (json.loads(r.decode()) for r in replies))
+                if "error" in reply}
 
     def read_expert_load(self) -> np.ndarray:
-        load = sum(np.asarray(x) for x in self._loads)
-        self._loads = [jnp.zeros_like(x) for x in self._loads]
-        return load
+        """[num_experts] tokens routed per expert over every attention node since the last read."""
+        if self.attention_processes:
+            for a in range(len(self.attention_procs)):
+                self._command(a, {"load": True})
+            return sum(self._reply(a)["load"] for a in range(len(self.attention_procs)))
+        return sum(node.read_load() for node in self.nodes)
 
     def run(self, batches: list[list[StepBatch]]) -> list[list[Sampled]]:
         if self.closed:
             raise WorkerError("the multi-process runner is closed")
-        self._check_workers("before the step")
+        try:
+            self._check_workers("before the step")
+        except WorkerError:  # a node is gone: the deployment cannot step again
+            self.close()
+            raise
         if not any(batches):
             return [[] for _ in batches]
         k = self.cfg.top_k
@@ -491,64 +653,81 @@ class MultiProcessRunner:
             control.append(caps)
         message = json.dumps({"rounds": control}).encode()
         try:
-            for e in range(len(self.procs)):
-                self.tx[0].send(e, message, layer=self.cfg.num_layers, micro_batch=0)
+            if self.attention_processes:
+                return self._run_processes(batches, message)
+            self._to_experts([(e, message) for e in range(len(self.procs))])
             return self._run(batches)
         except WorkerError:
             raise
         except Exception as err:
             time.sleep(0.2)  # let a dying worker finish dying, to name it
-            dead = [(e, p.returncode) for e, p in enumerate(self.procs) if p.poll() is not None]
+            dead = [(name, p.returncode) for name, _, p in self._workers() if p.poll() is not None]
             logs = self._logs()
             self.close()
             _forget_failed_effects()
-            what = (f"expert nodes {[e for e, _ in dead]} exited (codes {[c for _, c in dead]})" if dead
-                    else "the exchange with the expert processes failed")
+            what = (f"{', '.join(n for n, _ in dead)} exited (codes {[c for _, c in dead]})" if dead
+                    else "the exchange between the node processes failed")
             raise WorkerError(f"{what}: {err}" + logs) from err
 
     def _run(self, batches):
         # Every attention node's step is one program, enqueued without waiting: JAX dispatch is asynchronous, so
         # the nodes' programs run at once (each on its own device) and the expert nodes see every active node's
         # packets of a round, as they expect.
-        sampled = []
-        for a, node in enumerate(batches):
-            if not node:
-                sampled.append(())
-                continue
-            out, self.kv[a], self._tokens[a], self._loads[a] = self._step_program(a)(
-                self.attention_def, self.attention_layers[a], kv=self.kv[a], token=self._tokens[a],
-                load_total=self._loads[a], **self._step_args(a, node))
-            sampled.append(out)
+        sampled = [node.step(node_inputs(b), self.routing) if b else () for node, b in zip(self.nodes, batches)]
         return [list(x) for x in jax.tree.map(np.asarray, sampled)]  # the step's one sync
+
+    def _run_processes(self, batches, message: bytes):
+        # Every attention process gets its command before any reply is read, so they run their steps at once;
+        # node 0's carries the expert nodes' control message, which it sends ahead of its packets.
+        busy = []
+        for a, node in enumerate(batches):
+            command: dict = {"control": [(e, message) for e in range(len(self.procs))]} if a == 0 else {}
+            if node:
+                command["step"] = node_inputs(node)
+                if self._node_routing[a] is not self.routing:  # changed by set_placement since its last step
+                    command["routing"] = self._node_routing[a] = self.routing
+            if command:
+                self._command(a, command)
+                busy.append(a)
+        replies = {a: self._reply(a) for a in busy}
+        return [list(replies[a]["sampled"]) if node else [] for a, node in enumerate(batches)]
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the workers (a stop message, then kill), close the endpoints, remove shm segments. Idempotent."""
+        """Stop the node processes (a stop message, then kill), close the endpoints, remove shm segments.
+        Idempotent."""
         if self.closed:
             return
         self.closed = True
         _LIVE.discard(self)
-        if self.tx and all(p.poll() is None for p in self.procs):
+        procs = [p for _, _, p in self._workers()]
+        if all(p.poll() is None for p in procs) and (self.tx or self._ctl is not None):
             stop = json.dumps({"stop": True}).encode()
-            for e in range(len(self.procs)):
-                try:
-                    self.tx[0].send(e, stop, layer=self.cfg.num_layers, micro_batch=0, timeout_s=1.0)
-                except Exception:  # noqa: BLE001 - killed below
-                    pass
+            try:
+                if self._ctl is not None:  # attention node 0 stops the expert nodes, then every node stops
+                    for a in range(len(self.attention_procs)):
+                        self._command(a, {"control": [(e, stop) for e in range(len(self.procs))] if a == 0 else [],
+                                          "stop": True}, timeout_s=1.0)
+                else:
+                    for e in range(len(self.procs)):
+                        self.tx[0].send(e, stop, layer=self.cfg.num_layers, micro_batch=0, timeout_s=1.0)
+            except Exception:  # noqa: BLE001 - killed below
+                pass
         deadline = time.monotonic() + timeout_s
-        for p in self.procs:
+        for p in procs:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for p in self.procs:
+        for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for ep in (*self.tx, *self.back):
+        for ep in (*self.tx, *self.back, self._ctl, self._res):
             try:
-                ep.close()
+                if ep is not None:
+                    ep.close()
             except Exception:  # noqa: BLE001
                 pass
         self._stop_coordination()
