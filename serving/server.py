@@ -40,6 +40,7 @@ class Server:
         from serving.metrics import Metrics
 
         self.config = config
+        self._owns_engine = engine is None  # stop() then releases what it holds (node processes of the plan)
         if engine is None:
             _ensure_host_devices()
             engine = Engine.from_pretrained(config.model, plan=config.resolved_plan(), progress=progress,
@@ -96,8 +97,9 @@ class Server:
             self.http_address = f"{'https' if context else 'http'}://{host}:{port}"
 
     def stop(self, drain_timeout: float | None = None) -> None:
-        """Graceful shutdown: refuse new requests, drain in-flight ones, close the servers, join the threads.
-        Safe to call twice."""
+        """Graceful shutdown: refuse new requests, drain in-flight ones, close the servers, join the threads,
+        and close the engine the server built (stopping a multi-process plan's node processes). Safe to call
+        twice."""
         with self._stop_lock:
             if self._stopped.is_set():
                 return
@@ -120,6 +122,8 @@ class Server:
                     self._aio_thread.join(30)
             if not self._aio.is_running():
                 self._aio.close()
+            if self._owns_engine and not self.loop._thread.is_alive():
+                self.engine.close()
             self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:

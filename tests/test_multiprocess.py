@@ -399,3 +399,44 @@ def test_workers_exit_and_clean_up_when_the_engine_is_killed(transport, attentio
         for p in pids:
             if not _gone(p):
                 os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_server_over_node_processes_answers_like_the_offline_engine():
+    """`msjax.serve` over a plan whose every node is a process (two attention, two expert, shm): HTTP completions
+    from two concurrent clients equal the single-process engine's greedy text, the expert-load metric moves (read
+    from the attention processes over their control channel), and stopping the server stops every process."""
+    import concurrent.futures
+
+    import msjax
+    from serving.metrics import parse
+    from tests.serving_utils import http, poll
+    plan = DeploymentPlan(2, 1, 2, 1, 2, transport="shm", attention_processes=True)
+    options = dict(max_num_seqs=4, num_pages=48, page_size=16, max_num_batched_tokens=64, max_model_len=128)
+    prompts = ["Beautiful is better than", "Explicit is"]
+    llm = msjax.LLM("tiny-moe", **options)  # one process, one program
+    want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
+    del llm
+    before = _segments()
+    srv = msjax.serve(msjax.ServeConfig(plan=plan, grpc_port=0, http_port=0, engine=options))
+    runner = srv.engine.runner
+    procs = runner.procs + runner.attention_procs
+    try:
+        assert len(procs) == 4 and not runner.nodes  # the server's process holds no attention node
+
+        def complete(prompt):
+            return http("POST", srv.http_address + "/v1/completions",
+                        {"prompt": prompt, "max_tokens": 12, "temperature": 0}, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(complete, prompts))
+        assert [status for status, _ in got] == [200, 200], got
+        assert [body["choices"][0]["text"] for _, body in got] == want
+
+        def expert_tokens():
+            m = parse(http("GET", srv.http_address + "/metrics")[1])
+            return sum(v for k, v in m.items() if k.startswith("msjax_expert_tokens_total"))
+        poll(expert_tokens, what="expert load from the attention processes")
+    finally:
+        srv.stop()
+    assert all(p.poll() is not None for p in procs)
+    assert _segments() <= before

@@ -138,6 +138,21 @@ def test_token_and_tls(secure_server):
     assert http("GET", server.http_address + "/health", context=context)[0] == 200  # probes need no token
 
 
+def test_stop_closes_the_engine_it_built_and_not_one_handed_in(monkeypatch):
+    """A server that loaded its engine releases it on stop (a multi-process plan's node processes stop with it:
+    tests/test_multiprocess.py); an engine handed to `serve` stays its caller's."""
+    from msjax.engine.engine import Engine
+    closed = []
+    monkeypatch.setattr(Engine, "close", lambda self: closed.append(self))
+    config = ServeConfig(plan="colocated", grpc_port=0, http_port=-1, engine={"num_pages": 64})
+    with msjax.serve(config) as server:
+        built = server.engine
+    assert closed == [built]
+    with msjax.serve(config, engine=built):
+        pass
+    assert closed == [built]
+
+
 # --- the command line, on its defaults (the disaggregated plan over 8 host devices) ---
 
 @pytest.mark.slow
