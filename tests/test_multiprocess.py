@@ -254,6 +254,31 @@ def test_worker_death_mid_step_is_a_clear_error(transport, attention_processes, 
     assert _segments() <= before
 
 
+@pytest.mark.slow
+def test_attention_process_death_between_steps_closes_the_deployment():
+    """An attention process dies between steps and the engine asks the nodes for their expert load: the read
+    fails within seconds naming the node (the engine's liveness check while it waits for the reply), and every
+    other process stops; the runner refuses further use."""
+    from msjax.runtime.multiprocess import MultiProcessRunner, WorkerError
+    before = _segments()
+    plan = DeploymentPlan(2, 1, 1, 1, 1, transport="shm", attention_processes=True)
+    runner = MultiProcessRunner(_model(), EngineConfig(**OPTIONS), plan, timeout_s=60)
+    try:
+        victim = runner.attention_procs[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="attention node 1 .*exited.*-9"):
+            runner.read_expert_load()
+        assert time.monotonic() - start < 20 and runner.closed
+        with pytest.raises(WorkerError, match="closed"):
+            runner.read_expert_load()
+    finally:
+        runner.close()
+    assert all(p.poll() is not None for p in runner.procs + runner.attention_procs)
+    assert _segments() <= before
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packet_bytes_roundtrip(dtype):
     import jax.numpy as jnp

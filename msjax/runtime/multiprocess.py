@@ -623,10 +623,15 @@ class MultiProcessRunner:
 
     def read_expert_load(self) -> np.ndarray:
         """[num_experts] tokens routed per expert over every attention node since the last read."""
+        if self.closed:
+            raise WorkerError("the multi-process runner is closed")
         if self.attention_processes:
-            for a in range(len(self.attention_procs)):
-                self._command(a, {"load": True})
-            return sum(self._reply(a)["load"] for a in range(len(self.attention_procs)))
+            try:
+                for a in range(len(self.attention_procs)):
+                    self._command(a, {"load": True})
+                return sum(self._reply(a)["load"] for a in range(len(self.attention_procs)))
+            except Exception as err:
+                self._fail(err)
         return sum(node.read_load() for node in self.nodes)
 
     def run(self, batches: list[list[StepBatch]]) -> list[list[Sampled]]:
@@ -634,9 +639,8 @@ class MultiProcessRunner:
             raise WorkerError("the multi-process runner is closed")
         try:
             self._check_workers("before the step")
-        except WorkerError:  # a node is gone: the deployment cannot step again
-            self.close()
-            raise
+        except WorkerError as err:  # a node is gone: the deployment cannot step again
+            self._fail(err)
         if not any(batches):
             return [[] for _ in batches]
         k = self.cfg.top_k
@@ -657,17 +661,24 @@ class MultiProcessRunner:
                 return self._run_processes(batches, message)
             self._to_experts([(e, message) for e in range(len(self.procs))])
             return self._run(batches)
-        except WorkerError:
-            raise
         except Exception as err:
-            time.sleep(0.2)  # let a dying worker finish dying, to name it
-            dead = [(name, p.returncode) for name, _, p in self._workers() if p.poll() is not None]
-            logs = self._logs()
+            self._fail(err)
+
+    def _fail(self, err: Exception):
+        """A step (or a read of the attention processes) failed: the deployment cannot go on. Closes every
+        process and raises a WorkerError naming the nodes that died, with their log tails."""
+        if isinstance(err, WorkerError):  # already names the node
             self.close()
             _forget_failed_effects()
-            what = (f"{', '.join(n for n, _ in dead)} exited (codes {[c for _, c in dead]})" if dead
-                    else "the exchange between the node processes failed")
-            raise WorkerError(f"{what}: {err}" + logs) from err
+            raise err
+        time.sleep(0.2)  # let a dying worker finish dying, to name it
+        dead = [(name, p.returncode) for name, _, p in self._workers() if p.poll() is not None]
+        logs = self._logs()
+        self.close()
+        _forget_failed_effects()
+        what = (f"{', '.join(n for n, _ in dead)} exited (codes {[c for _, c in dead]})" if dead
+                else "the exchange between the node processes failed")
+        raise WorkerError(f"{what}: {err}" + logs) from err
 
     def _run(self, batches):
         # Every attention node's step is one program, enqueued without waiting: JAX dispatch is asynchronous, so
