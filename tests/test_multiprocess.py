@@ -224,7 +224,7 @@ def test_worker_that_fails_to_start_is_a_clear_error():
     ("shm", False, "expert"),
     pytest.param("tcp", False, "expert", marks=pytest.mark.slow),
     pytest.param("shm", True, "expert", marks=pytest.mark.slow),
-    ("shm", True, "attention")])
+    pytest.param("shm", True, "attention", marks=pytest.mark.slow)])  # quick subset budget: 5 min
 def test_worker_death_mid_step_is_a_clear_error(transport, attention_processes, victim):
     """A node process killed before a step: the step fails within seconds with an error naming that node, and
     every other process stops. With the engine's own liveness check off, the exchange itself notices: an expert
