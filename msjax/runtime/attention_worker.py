@@ -69,14 +69,11 @@ def serve(spec: dict, parent: int) -> int:
     control_layer = cfg.num_layers  # control messages to the expert nodes carry a layer no packet has
     _log(f"node {node} ready over {transport}")
     while True:
-        try:
-            with native.thread_poll_us(0):  # between steps: sleep, leave the core to the engine's host work
-                command = pickle.loads(ctl.recv(0, timeout_s=1.0))
-        except native.M2NTimeout:
-            if not worker_process.alive(parent):
-                _log("engine process is gone; exiting")
-                return 3
-            continue
+        with native.thread_poll_us(0):  # between steps: sleep, leave the core to the engine's host work
+            raw = worker_process.next_message(ctl, parent, "attention")
+        if raw is None:
+            return 3
+        command = pickle.loads(raw)
         reply: dict = {}
         try:
             for e, message in command.get("control", ()):

@@ -82,13 +82,9 @@ def serve(spec: dict, parent: int) -> int:
     token = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
     _log(f"node {node} ready with experts {list(expert_ids)} over {transport}")
     while True:
-        try:
-            raw = rx.recv(0, layer=cfg.num_layers, micro_batch=0, timeout_s=1.0)
-        except native.M2NTimeout:
-            if not worker_process.alive(parent):
-                _log("engine process is gone; exiting")
-                return 3
-            continue
+        raw = worker_process.next_message(rx, parent, "expert", layer=cfg.num_layers, micro_batch=0)
+        if raw is None:
+            return 3
         msg = json.loads(raw.decode())
         if msg.get("stop"):
             break

@@ -357,18 +357,17 @@ class MultiProcessRunner:
         self.placement = plan.expert_placement(mcfg.num_experts)
         self.routing = Routing.from_placement(self.placement, mcfg.num_experts)
         self.dtype = jnp.dtype(model.dtype)
-        self.hidden = mcfg.hidden_size
         self.max_tokens = max(ec.max_num_batched_tokens, ec.max_num_seqs, 1)
         cap = self.max_tokens * mcfg.top_k
-        dispatch_bytes = max(cap * row_bytes(self.hidden, self.dtype), 1 << 16)
-        back_bytes = cap * self.hidden * self.dtype.itemsize
+        dispatch_bytes = max(cap * row_bytes(mcfg.hidden_size, self.dtype), 1 << 16)
+        back_bytes = cap * mcfg.hidden_size * self.dtype.itemsize
         self.channel = f"mp{uuid.uuid4().hex[:10]}"
 
         def address(tag: str) -> str:  # shm: a channel name shared by its receivers; tcp: bind any port
             return f"{self.channel}-{tag}" if plan.transport == "shm" else "127.0.0.1:0"
 
         remote = self.attention_processes
-        coordinator = self._service_address = f"127.0.0.1:{_free_port()}"
+        coordinator = f"127.0.0.1:{_free_port()}"
         self._service = _jax.get_distributed_runtime_service(coordinator, 1 + n_e + (n_a if remote else 0),
                                                              shutdown_timeout=5)
         prefix = f"msjax/{self.channel}"
@@ -397,13 +396,12 @@ class MultiProcessRunner:
             # receivers first (tcp binds here), then publish, then wait for the others'
             self._res = native.Receiver(plan.transport, address("f"), 0, n_a, self.res_bytes,
                                         timeout_s=self.timeout_s)
-            found = self._rendezvous({f"{prefix}/res": self._res.address}, [f"{prefix}/ctl/{a}" for a in range(n_a)])
+            found = self._rendezvous(coordinator, {f"{prefix}/res": self._res.address},
+                                     [f"{prefix}/ctl/{a}" for a in range(n_a)])
         else:
-            tp = plan.attention_tp  # node a: devices [a tp, (a + 1) tp)
-            self.devices = [devices[a * tp:(a + 1) * tp] for a in range(n_a)]
             self.back = [native.Receiver(plan.transport, address("b"), a, n_e, back_bytes, timeout_s=self.timeout_s)
                          for a in range(n_a)]
-            found = self._rendezvous({f"{prefix}/back/{a}": rx.address for a, rx in enumerate(self.back)},
+            found = self._rendezvous(coordinator, {f"{prefix}/back/{a}": rx.address for a, rx in enumerate(self.back)},
                                      [f"{prefix}/dispatch/{e}" for e in range(n_e)])
         # opening a sender waits for every receiver (tcp connects here)
         try:
@@ -420,8 +418,10 @@ class MultiProcessRunner:
                          + [f"{prefix}/ready-attention/{a}" for a in range(n_a) if remote])
         self._stop_coordination()
         if not remote:
-            self.nodes = [AttentionNode(mcfg, ec, model.attention_def, model.attention_state, d, self.tx[a],
-                                        self.back[a], self.dtype) for a, d in enumerate(self.devices)]
+            tp = plan.attention_tp  # node a: devices [a tp, (a + 1) tp)
+            self.nodes = [AttentionNode(mcfg, ec, model.attention_def, model.attention_state,
+                                        devices[a * tp:(a + 1) * tp], self.tx[a], self.back[a], self.dtype)
+                          for a in range(n_a)]
 
     def _spawn(self, kind: str, index: int, spec: dict, python: str) -> subprocess.Popen:
         """Starts `python -m msjax.runtime.{kind}_worker` for node `index` (JAX on CPU, as many devices as the
@@ -439,13 +439,13 @@ class MultiProcessRunner:
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
 
-    def _rendezvous(self, publish: dict[str, str], wanted: list[str]) -> list[str]:
-        """Publishes `publish` in the coordination service's key-value store and returns the values of `wanted`
-        (the node processes' addresses), failing fast when a node process exits."""
+    def _rendezvous(self, coordinator: str, publish: dict[str, str], wanted: list[str]) -> list[str]:
+        """Publishes `publish` in the key-value store of the coordination service at `coordinator` and returns
+        the values of `wanted` (the node processes' addresses), failing fast when a node process exits."""
         from jax._src.lib import _jax
         errors: list = []  # missed heartbeats: reported through the failing calls below
         self._client = _jax.get_distributed_runtime_client(
-            self._service_address, 0, init_timeout=int(self.startup_timeout_s), shutdown_timeout=5,
+            coordinator, 0, init_timeout=int(self.startup_timeout_s), shutdown_timeout=5,
             shutdown_on_destruction=False, missed_heartbeat_callback=lambda *a: errors.append(a))
         box: dict = {}
 

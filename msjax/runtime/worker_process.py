@@ -58,6 +58,19 @@ def main(argv, serve: Callable[[dict, int], int]) -> int:
             shutil.rmtree(os.path.dirname(args.spec), ignore_errors=True)
 
 
+def next_message(rx, parent: int, kind: str, **tag) -> bytes | None:
+    """The next control message on `rx` from sender 0 (the engine's side), waited for in 1 s rounds; None once
+    the engine process is gone (the node should exit)."""
+    from msjax.comm import native
+    while True:
+        try:
+            return rx.recv(0, timeout_s=1.0, **tag)
+        except native.M2NTimeout:
+            if not alive(parent):
+                log(kind, "engine process is gone; exiting")
+                return None
+
+
 def rendezvous_client(spec: dict):
     """A connected client of the runner's JAX coordination service (used only as a key-value store)."""
     from jax._src.lib import _jax
