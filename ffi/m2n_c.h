@@ -10,14 +10,15 @@
 extern "C" {
 #endif
 
-// transport: "shm" | "tcp". addresses: comma-separated (sender: one per receiver; receiver: exactly one).
+// transport: "shm" | "tcp" | "loopback" (endpoints of one process, through private memory). addresses:
+// comma-separated (sender: one per receiver; receiver: exactly one).
 int m2n_open_sender(const char* transport, const char* addresses, uint32_t index, uint32_t num_receivers,
                     uint64_t capacity, double timeout_s, int64_t* handle, char* err, size_t err_len);
 int m2n_open_receiver(const char* transport, const char* address, uint32_t index, uint32_t num_senders,
                       uint32_t depth, uint64_t capacity, double timeout_s, int64_t* handle, char* err,
                       size_t err_len);
 int m2n_close(int64_t handle);
-// The receiver's address for senders (tcp: "ip:port" actually bound; shm: the segment name).
+// The receiver's address for senders (tcp: "ip:port" actually bound; shm, loopback: the channel name).
 int m2n_address(int64_t handle, char* out, size_t out_len);
 int m2n_send(int64_t handle, uint32_t receiver, uint32_t layer, uint32_t micro_batch, const void* data,
              uint64_t nbytes, double timeout_s, char* err, size_t err_len);
@@ -34,7 +35,7 @@ int m2n_recv_all(int64_t handle, const uint32_t* senders, uint32_t count, uint32
 int m2n_validate_header(const void* bytes, size_t n, uint32_t sender, uint32_t num_senders, uint64_t seq,
                         uint32_t layer, uint32_t micro_batch, uint64_t capacity, char* err, size_t err_len);
 // Test hook for the receive path: writes `n` raw bytes (a header, then payload) into the slot of (sender, seq)
-// of a shm receiver, as a faulty sender with the mapping would, and raises the slot's flag. Bytes beyond the
+// of a shm or loopback receiver, as a faulty sender with the mapping would, and raises the slot's flag. Bytes beyond the
 // slot are dropped (a real sender cannot write past its mapping's slot either).
 int m2n_debug_inject(int64_t handle, uint32_t sender, uint64_t seq, const void* bytes, size_t n, char* err,
                      size_t err_len);

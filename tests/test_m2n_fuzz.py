@@ -71,7 +71,12 @@ def test_header_parser(raw, num_senders):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(h=headers(), payload=st.binary(max_size=CAPACITY + 64), out_capacity=st.sampled_from([CAPACITY, 16]))
 def test_shm_receive_path(h, payload, out_capacity):
-    """A faulty sender with the mapping writes any header and bytes into its slot."""
+    """A faulty sender with the mapping writes any header and bytes into its slot.
+
+    This is loopback's receive path too, exactly: both transports' receivers are DirectReceivers
+    (ffi/transports/region.h) that take messages through the same Mailbox::Receive; loopback differs only in where
+    the region's memory comes from and in using process-private futexes. (Its malformed-header cases run in the
+    conformance suite, tests/test_m2n_transports.py.)"""
     with native.Receiver("shm", f"z{uuid.uuid4().hex[:10]}", 0, 1, CAPACITY, depth=2, timeout_s=2) as rx:
         rx.inject(0, 0, pack(h) + payload)
         out = np.zeros(out_capacity, np.uint8)

@@ -1,8 +1,10 @@
 """Conformance suite of the native M2N transports: every runnable transport passes the same tests.
 
 Messages arrive intact and in sequence, completion flags order sender and receiver, M senders reach N receivers
-(processes), a dead peer or a missing message becomes a clear error within seconds, and malformed headers are
-rejected. Worker processes load only the ctypes layer (msjax/comm/_lib.py, by path) so they start fast.
+(processes, and threads of one process), a dead peer or a missing message becomes a clear error within seconds,
+and malformed headers are rejected. Worker processes load only the ctypes layer (msjax/comm/_lib.py, by path) so
+they start fast. Loopback endpoints live in one process: the tests with a peer in another process skip for it,
+and its in-process counterparts (a receiver closed under its sender, a sender that closed) stand beside them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import pytest
 
 from msjax.comm import native
 
-TRANSPORTS = ["shm", "tcp"]
+TRANSPORTS = ["shm", "tcp", "loopback"]
+BY_NAME = ("shm", "loopback")  # transports whose address is the channel name
+CROSS_PROCESS = ("loopback endpoints live in one process: a peer in another process cannot reach them (the "
+                 "in-process counterpart is {})")
 HELLO_MAGIC = 0x484E324D
 LIB_PY = Path(native.__file__).with_name("_lib.py")
 
@@ -50,13 +55,13 @@ class Net:
 
     def receiver(self, index: int = 0, num_senders: int = 1, capacity: int = 1 << 16, depth: int = 4,
                  timeout_s: float = 5.0) -> native.Receiver:
-        address = self.name if self.transport == "shm" else "127.0.0.1:0"
+        address = self.name if self.transport in BY_NAME else "127.0.0.1:0"
         rx = native.Receiver(self.transport, address, index, num_senders, capacity, depth, timeout_s)
         self.receivers.append(rx)
         return rx
 
     def addresses(self) -> list[str]:
-        return [rx.address for rx in self.receivers]  # shm: the channel name; tcp: host:port as bound
+        return [rx.address for rx in self.receivers]  # shm, loopback: the channel name; tcp: host:port as bound
 
     def sender(self, index: int = 0, capacity: int = 1 << 16, timeout_s: float = 5.0) -> native.Sender:
         return native.Sender(self.transport, self.addresses(), index, capacity, timeout_s)
@@ -71,7 +76,7 @@ def net(request):
     n = Net(request.param)
     yield n
     n.close()
-    if n.transport == "shm":  # the receivers unlinked their segments
+    if n.transport in BY_NAME:  # shm: the receivers unlinked their segments; loopback never made one
         assert not list(Path("/dev/shm").glob(f"msjax-m2n-{n.name}-*"))
 
 
@@ -141,6 +146,8 @@ def test_receive_waits_for_the_completion_flag(net):
 
 
 def test_many_senders_to_many_receivers_across_processes(net):
+    if net.transport == "loopback":
+        pytest.skip(CROSS_PROCESS.format("test_many_senders_to_many_receivers_from_threads"))
     num_senders, num_receivers, rounds = 3, 2, 5
     receivers = [net.receiver(r, num_senders, capacity=4096, depth=2) for r in range(num_receivers)]
     procs = [spawn("""
@@ -162,6 +169,44 @@ def test_many_senders_to_many_receivers_across_processes(net):
     assert all(rc == 0 and out.strip() == "sent" for rc, out, _ in results), results
 
 
+def test_many_senders_to_many_receivers_from_threads(net):
+    """M senders to N receivers in one process, every endpoint driven by its own thread at the same time (the
+    in-process placement: nodes of one process, each node's calls on its own XLA thread), rings of two slots so
+    the senders wait on back-pressure while the others go on."""
+    num_senders, num_receivers, rounds = 3, 2, 8
+    receivers = [net.receiver(r, num_senders, capacity=4096, depth=2, timeout_s=20) for r in range(num_receivers)]
+    senders = [net.sender(s, capacity=4096, timeout_s=20) for s in range(num_senders)]
+    errors, got = [], {}
+
+    def send(s):
+        try:
+            for k in range(rounds):
+                for r in range(num_receivers):
+                    senders[s].send(r, payload(s, r, k, 1000 + 7 * s + k), layer=k, micro_batch=s)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    def receive(r):
+        try:
+            for k in range(rounds):
+                for s in reversed(range(num_senders)):  # any order: each sender has its own slots
+                    got[r, s, k] = receivers[r].recv(s, layer=k, micro_batch=s)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = ([threading.Thread(target=send, args=(s,)) for s in range(num_senders)]
+               + [threading.Thread(target=receive, args=(r,)) for r in range(num_receivers)])
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert got == {(r, s, k): payload(s, r, k, 1000 + 7 * s + k)
+                   for r in range(num_receivers) for s in range(num_senders) for k in range(rounds)}
+    for tx in senders:
+        tx.close()
+
+
 def test_a_message_that_never_arrives_times_out(net):
     rx = net.receiver()
     tx = net.sender()
@@ -172,12 +217,13 @@ def test_a_message_that_never_arrives_times_out(net):
     tx.close()
 
 
-def test_a_threads_poll_budget_decides_whether_its_wait_burns_the_core():
-    """`thread_poll_us`: the calling thread's shm waits poll that long before sleeping on the futex (the engine
-    waiting a whole step for an attention process on the same core must not take the core from it); outside the
-    block the process-wide budget is back. CPU time of a 0.5 s wait in vain: polling 1 s burns most of it (half
-    with another process polling on each core), polling 0 almost none."""
-    n = Net("shm")
+@pytest.mark.parametrize("transport", BY_NAME)
+def test_a_threads_poll_budget_decides_whether_its_wait_burns_the_core(transport):
+    """`thread_poll_us`: the calling thread's shm (and loopback) waits poll that long before sleeping on the futex
+    (the engine waiting a whole step for an attention process on the same core must not take the core from it);
+    outside the block the process-wide budget is back. CPU time of a 0.5 s wait in vain: polling 1 s burns most of
+    it (half with another process polling on each core), polling 0 almost none."""
+    n = Net(transport)
     try:
         rx = n.receiver()
         tx = n.sender()
@@ -197,6 +243,8 @@ def test_a_threads_poll_budget_decides_whether_its_wait_burns_the_core():
 
 
 def test_a_sender_that_dies_is_detected_within_seconds(net):
+    if net.transport == "loopback":
+        pytest.skip(CROSS_PROCESS.format("test_loopback_receive_after_its_sender_closed_times_out"))
     rx = net.receiver(timeout_s=60)
     proc = spawn("""
         tx = m.Sender(os.environ["T"], [os.environ["ADDR"]], 0, 1 << 16)
@@ -217,6 +265,8 @@ def test_a_sender_that_dies_is_detected_within_seconds(net):
 
 
 def test_a_receiver_that_dies_is_detected_within_seconds(net):
+    if net.transport == "loopback":
+        pytest.skip(CROSS_PROCESS.format("test_loopback_receiver_closed_under_its_sender_is_a_clear_error"))
     address = net.name if net.transport == "shm" else "127.0.0.1:0"
     proc = spawn("""
         rx = m.Receiver(os.environ["T"], os.environ["ADDR"], 0, 1, 1 << 16, depth=2)
@@ -245,14 +295,97 @@ def test_a_receiver_that_dies_is_detected_within_seconds(net):
                 path.unlink()
 
 
+def test_loopback_receiver_closed_under_its_sender_is_a_clear_error():
+    """In-process counterpart of a receiver that dies: a sender blocked on the receiver's full ring when the
+    receiver closes fails within a second (not at its timeout), and every later send fails at once; both with
+    "unavailable" naming the receiver. A new receiver may then take the same name."""
+    n = Net("loopback")
+    try:
+        rx = n.receiver(depth=2, timeout_s=30)
+        tx = n.sender(timeout_s=30)
+        tx.send(0, b"a")
+        tx.send(0, b"b")  # the ring is full: the next send waits for a slot
+        closed = []
+        closer = threading.Timer(0.3, lambda: (rx.close(), closed.append(time.monotonic())))
+        closer.start()
+        try:
+            with pytest.raises(native.M2NError, match="loopback receiver 0 of channel .* was closed") as info:
+                tx.send(0, b"c")
+            assert info.value.code == "unavailable"
+            assert time.monotonic() - closed[0] < 1
+        finally:
+            closer.join()
+        start = time.monotonic()
+        with pytest.raises(native.M2NError, match="was closed") as info:
+            tx.send(0, b"d")
+        assert info.value.code == "unavailable" and time.monotonic() - start < 0.1
+        again = native.Receiver("loopback", n.name, 0, 1, 1 << 16)  # the name is free again
+        n.receivers.append(again)
+        with native.Sender("loopback", [n.name], 0, 1 << 16) as fresh:
+            fresh.send(0, b"new")
+            assert again.recv(0) == b"new"
+    finally:
+        n.close()
+
+
+def test_loopback_receive_after_its_sender_closed_times_out():
+    """In-process counterpart of a sender that dies: there is no process that could be dead, and a closed sender
+    looks like one that has not sent yet, so the receive times out (docs/m2n.md); what it sent before arrives."""
+    n = Net("loopback")
+    try:
+        rx = n.receiver(timeout_s=30)
+        tx = n.sender()
+        tx.send(0, b"before", layer=0)
+        tx.close()
+        assert rx.recv(0, layer=0) == b"before"
+        start = time.monotonic()
+        with pytest.raises(native.M2NTimeout, match="timed out waiting for sender 0"):
+            rx.recv(0, layer=1, timeout_s=0.3)
+        assert time.monotonic() - start < 3
+    finally:
+        n.close()
+
+
+def test_loopback_receiver_name_is_taken_once():
+    n = Net("loopback")
+    try:
+        n.receiver(index=0)
+        with pytest.raises(native.M2NError, match="loopback receiver 0 of channel .* is already open") as info:
+            n.receiver(index=0)
+        assert info.value.code == "invalid argument"
+        n.receiver(index=1)  # another index of the same channel is another receiver
+        assert n.addresses() == [n.name, n.name]
+    finally:
+        n.close()
+
+
+def test_loopback_uses_no_file_descriptor_and_no_segment():
+    """Private memory only: opening, using and closing loopback endpoints leaves the process's descriptors and
+    /dev/shm as they were."""
+    n = Net("loopback")
+    fds = set(os.listdir("/proc/self/fd"))
+    try:
+        rx = n.receiver(num_senders=2)
+        senders = [n.sender(index=i) for i in range(2)]
+        senders[1].send(0, b"x" * 1000)
+        assert rx.recv(1) == b"x" * 1000
+        assert set(os.listdir("/proc/self/fd")) == fds
+        assert not list(Path("/dev/shm").glob(f"msjax-m2n-{n.name}-*"))
+        for tx in senders:
+            tx.close()
+    finally:
+        n.close()
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
 def raw_header(magic=None, sender=0, layer=0, micro_batch=0, seq=0, nbytes=0) -> bytes:
     return struct.pack("<IIIIQQ", native.message_magic() if magic is None else magic, sender, layer, micro_batch,
                        seq, nbytes)
 
 
 def deliver_raw(net: Net, rx: native.Receiver, sender: int, raw: bytes):
-    """What a faulty sender would put on the wire (tcp) or in its slot (shm)."""
-    if net.transport == "shm":
+    """What a faulty sender would put on the wire (tcp) or in its slot (shm, loopback)."""
+    if net.transport in BY_NAME:
         rx.inject(sender, 0, raw)
         return None
     host, port = rx.address.split(":")
@@ -314,8 +447,9 @@ def test_bad_arguments_are_clear_errors(net):
         native.Receiver("udp", "x", 0, 1, 1024)
 
 
-def test_shm_sender_index_beyond_the_receivers_senders():
-    n = Net("shm")
+@pytest.mark.parametrize("transport", BY_NAME)
+def test_sender_index_beyond_the_receivers_senders(transport):
+    n = Net(transport)
     try:
         n.receiver(num_senders=2)
         with pytest.raises(native.M2NError, match="sender index 2 out of range.*set up for 2 senders"):
@@ -328,6 +462,9 @@ def test_open_sender_times_out_without_receiver():
     start = time.monotonic()
     with pytest.raises(native.M2NTimeout, match="did not appear"):
         native.Sender("shm", [f"none{uuid.uuid4().hex[:8]}"], 0, 1024, timeout_s=0.3)
+    with pytest.raises(native.M2NTimeout, match="loopback receiver 0 of channel 'none.*' did not appear.*in this "
+                                                "process"):
+        native.Sender("loopback", [f"none{uuid.uuid4().hex[:8]}"], 0, 1024, timeout_s=0.3)
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -39,8 +39,10 @@ std::chrono::microseconds PollBudget() {
 
 uint64_t RoundUp(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-long Futex(const std::atomic<uint32_t>* word, int op, uint32_t value, const timespec* timeout) {
-  // Not FUTEX_PRIVATE_FLAG: the word may live in memory shared between processes.
+long Futex(const std::atomic<uint32_t>* word, int op, FutexScope scope, uint32_t value, const timespec* timeout) {
+  // FUTEX_PRIVATE_FLAG only for a region no other process maps: the kernel then keys the futex by address alone
+  // (no page lookup), but a process-shared word needs the shared key, which waiter and waker must agree on.
+  if (scope == FutexScope::kPrivate) op |= FUTEX_PRIVATE_FLAG;
   return syscall(SYS_futex, reinterpret_cast<const uint32_t*>(word), op, value, timeout, nullptr, 0);
 }
 
@@ -100,15 +102,17 @@ Clock::time_point DeadlineAfter(double seconds) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
 
-void SetAndWake(SlotControl* control, uint32_t value) {
+void SetAndWake(SlotControl* control, uint32_t value, FutexScope scope) {
   control->full.store(value, std::memory_order_seq_cst);
   // Pairs with the waiter's seq_cst increment of `waiters` before it sleeps: either this load sees the waiter,
   // or the waiter's futex call sees the new value and does not sleep.
-  if (control->waiters.load(std::memory_order_seq_cst) != 0) Futex(&control->full, FUTEX_WAKE, INT32_MAX, nullptr);
+  if (control->waiters.load(std::memory_order_seq_cst) != 0) {
+    Futex(&control->full, FUTEX_WAKE, scope, INT32_MAX, nullptr);
+  }
 }
 
 bool WaitWhileEquals(SlotControl* control, uint32_t value, Clock::time_point deadline, const PeerCheck* peer,
-                     Status* peer_status) {
+                     Status* peer_status, FutexScope scope) {
   auto* word = &control->full;
   for (int i = 0; i < 200; ++i) {  // well under a microsecond per round: the peer is running right now
     if (word->load(std::memory_order_acquire) != value) return true;
@@ -138,7 +142,7 @@ bool WaitWhileEquals(SlotControl* control, uint32_t value, Clock::time_point dea
     auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(wait).count();
     timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
     control->waiters.fetch_add(1, std::memory_order_seq_cst);
-    long rc = Futex(word, FUTEX_WAIT, value, &ts);  // returns at once if the word already changed (EAGAIN)
+    long rc = Futex(word, FUTEX_WAIT, scope, value, &ts);  // returns at once if the word already changed (EAGAIN)
     slept_full_round = rc != 0 && errno == ETIMEDOUT;
     control->waiters.fetch_sub(1, std::memory_order_seq_cst);
   }
@@ -178,7 +182,7 @@ Status Mailbox::Init(void* memory, uint64_t bytes, const Geometry& g, uint32_t r
   return Status::Ok();
 }
 
-Status Mailbox::Attach(void* memory, uint64_t bytes, Mailbox* out) {
+Status Mailbox::Attach(void* memory, uint64_t bytes, Mailbox* out, FutexScope scope) {
   if (bytes < sizeof(RegionHeader)) return Error(Code::kDataLoss, "receive region smaller than its header");
   auto* region = static_cast<RegionHeader*>(memory);
   if (region->ready.load(std::memory_order_acquire) != kRegionMagic) {
@@ -196,6 +200,7 @@ Status Mailbox::Attach(void* memory, uint64_t bytes, Mailbox* out) {
   out->base_ = static_cast<uint8_t*>(memory);
   out->bytes_ = bytes;
   out->geometry_ = g;
+  out->scope_ = scope;
   return Status::Ok();
 }
 
@@ -215,14 +220,14 @@ uint8_t* Mailbox::payload(uint32_t sender, uint64_t seq) const { return slot(sen
 
 Status Mailbox::WaitWritable(uint32_t sender, uint64_t seq, Clock::time_point deadline, const PeerCheck* peer) const {
   Status peer_status;
-  if (WaitWhileEquals(control(sender, seq), 1, deadline, peer, &peer_status)) return Status::Ok();
+  if (WaitWhileEquals(control(sender, seq), 1, deadline, peer, &peer_status, scope_)) return Status::Ok();
   if (!peer_status.ok()) return peer_status;
   return Error(Code::kDeadlineExceeded, "M2N send timed out: receive slot for sender " + std::to_string(sender) +
                                             " seq " + std::to_string(seq) +
                                             " still full (the receiver stopped consuming or died)");
 }
 
-void Mailbox::Publish(uint32_t sender, uint64_t seq) const { SetAndWake(control(sender, seq), 1); }
+void Mailbox::Publish(uint32_t sender, uint64_t seq) const { SetAndWake(control(sender, seq), 1, scope_); }
 
 Status Mailbox::TimedOut(const Expectation& expect) {
   return Error(Code::kDeadlineExceeded,
@@ -239,7 +244,7 @@ Status Mailbox::Receive(const Expectation& expect, void* out, uint64_t out_capac
   }
   SlotControl* slot_control = control(expect.sender, expect.seq);
   Status peer_status;
-  if (!WaitWhileEquals(slot_control, 0, deadline, peer, &peer_status)) {
+  if (!WaitWhileEquals(slot_control, 0, deadline, peer, &peer_status, scope_)) {
     if (!peer_status.ok()) return peer_status;
     return TimedOut(expect);
   }
@@ -252,7 +257,7 @@ Status Mailbox::Receive(const Expectation& expect, void* out, uint64_t out_capac
     std::memcpy(out, payload(expect.sender, expect.seq), h.nbytes);
     *nbytes = h.nbytes;
   }
-  SetAndWake(slot_control, 0);
+  SetAndWake(slot_control, 0, scope_);
   return status;
 }
 

@@ -103,6 +103,12 @@ struct alignas(64) RegionHeader {
 };
 inline constexpr uint32_t kMaxSenders = 256;
 
+// Who may wait on a region's completion flags: any process that maps it (the default; what shm needs), or only
+// the process that allocated it (loopback: private memory, so the cheaper process-private futex). Every view of
+// one region must say the same: a waiter and a waker with different scopes use different futex keys, and the
+// wake is lost.
+enum class FutexScope { kShared, kPrivate };
+
 // Called while waiting; a non-OK status aborts the wait (e.g. the peer process has exited).
 struct PeerCheck {
   virtual ~PeerCheck() = default;
@@ -118,8 +124,9 @@ class Mailbox {
   static uint64_t SlotOffset(const Geometry& geometry, uint32_t sender, uint64_t seq);
   // Writes the region header and clears every flag; `memory` must hold RegionBytes(geometry) zeroed bytes.
   static Status Init(void* memory, uint64_t bytes, const Geometry& geometry, uint32_t receiver_index);
-  // Checks a region someone else initialised (a sender attaching to a receiver's shared memory).
-  static Status Attach(void* memory, uint64_t bytes, Mailbox* out);
+  // Checks a region someone else initialised (a sender attaching to a receiver's shared memory). `scope`: see
+  // FutexScope (kPrivate only for memory no other process maps).
+  static Status Attach(void* memory, uint64_t bytes, Mailbox* out, FutexScope scope = FutexScope::kShared);
 
   Mailbox() = default;
   const Geometry& geometry() const { return geometry_; }
@@ -144,18 +151,19 @@ class Mailbox {
   uint8_t* base_ = nullptr;
   uint64_t bytes_ = 0;
   Geometry geometry_;
+  FutexScope scope_ = FutexScope::kShared;
 };
 
 // Waits until `control->full` != `value` or the deadline passes: spins briefly, yields the CPU for a while (the
 // peer may need this core: processes often outnumber cores), then sleeps on a futex in short rounds, checking
 // `peer` between rounds so a dead peer is noticed within ~50 ms. Returns true if the flag changed.
 bool WaitWhileEquals(SlotControl* control, uint32_t value, Clock::time_point deadline, const PeerCheck* peer,
-                     Status* peer_status);
+                     Status* peer_status, FutexScope scope = FutexScope::kShared);
 // The calling thread's poll budget for its waits from now on, in µs (< 0: back to MSJAX_M2N_POLL_US);
 // returns the previous setting (-1: the process-wide one).
 long SetThreadPollMicros(long us);
 // Sets the flag and wakes sleepers, if any (no system call otherwise).
-void SetAndWake(SlotControl* control, uint32_t value);
+void SetAndWake(SlotControl* control, uint32_t value, FutexScope scope = FutexScope::kShared);
 
 Clock::time_point DeadlineAfter(double seconds);
 

@@ -1,9 +1,10 @@
 // Shared-memory transport: each receiver owns one POSIX shared-memory segment holding its receive region; a
 // sender maps every receiver's segment and writes header and payload straight into its slot, then raises the
 // slot's flag (a futex word, so a waiting receiver sleeps instead of spinning). The receiver copies out once.
+// The region and the write are transports/region.h's, shared with loopback; what is shm's own is the segment and
+// noticing a peer process that exited.
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,7 +13,7 @@
 #include <cstring>
 #include <thread>
 
-#include "transports/transport.h"
+#include "transports/region.h"
 
 namespace m2n {
 namespace {
@@ -39,21 +40,6 @@ bool ProcessGone(int32_t pid) {
   return paren != nullptr && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
 }
 
-Status CheckChannelName(const std::string& name) {
-  if (name.empty() || name.size() > 200 || name.find('/') != std::string::npos) {
-    return Error(Code::kInvalidArgument, "shm channel name must be 1-200 characters without '/', got '" + name + "'");
-  }
-  return Status::Ok();
-}
-
-struct Mapping {
-  void* memory = MAP_FAILED;
-  uint64_t bytes = 0;
-  ~Mapping() {
-    if (memory != MAP_FAILED) munmap(memory, bytes);
-  }
-};
-
 class ProcessAlive : public PeerCheck {
  public:
   ProcessAlive(const std::atomic<int32_t>* pid, std::string who) : pid_(pid), who_(std::move(who)) {}
@@ -70,18 +56,17 @@ class ProcessAlive : public PeerCheck {
   std::string who_;
 };
 
-class ShmReceiver : public RecvEndpoint {
+class ShmReceiver : public DirectReceiver {
  public:
-  explicit ShmReceiver(EndpointSpec spec) : RecvEndpoint(std::move(spec)) {}
+  explicit ShmReceiver(EndpointSpec spec) : DirectReceiver(std::move(spec)) {}
   ~ShmReceiver() override {
     if (!name_.empty()) shm_unlink(name_.c_str());
   }
 
   Status Open() {
-    if (Status s = CheckChannelName(spec_.addresses[0]); !s.ok()) return s;
+    if (Status s = CheckChannelName("shm", spec_.addresses[0]); !s.ok()) return s;
     name_ = SegmentName(spec_.addresses[0], spec_.index);
-    Geometry g{spec_.num_peers, spec_.depth, spec_.capacity};
-    map_.bytes = Mailbox::RegionBytes(g);
+    map_.bytes = Mailbox::RegionBytes(geometry());
     shm_unlink(name_.c_str());  // a segment left by a crashed run of the same channel
     int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) {
@@ -96,8 +81,7 @@ class ShmReceiver : public RecvEndpoint {
     map_.memory = mmap(nullptr, map_.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (map_.memory == MAP_FAILED) return SysError("mmap " + name_);
-    if (Status s = Mailbox::Init(map_.memory, map_.bytes, g, spec_.index); !s.ok()) return s;
-    if (Status s = Mailbox::Attach(map_.memory, map_.bytes, &mailbox_); !s.ok()) return s;
+    if (Status s = InitRegion(map_.memory, map_.bytes, FutexScope::kShared); !s.ok()) return s;
     for (uint32_t i = 0; i < spec_.num_peers; ++i) {
       checks_.emplace_back(&mailbox_.region()->sender_pids[i], "M2N sender " + std::to_string(i));
     }
@@ -115,15 +99,14 @@ class ShmReceiver : public RecvEndpoint {
   std::vector<ProcessAlive> checks_;
 };
 
-class ShmSender : public SendEndpoint {
+class ShmSender : public DirectSender {
  public:
-  explicit ShmSender(EndpointSpec spec) : SendEndpoint(std::move(spec)), maps_(spec_.num_peers),
-                                          boxes_(spec_.num_peers) {}
+  explicit ShmSender(EndpointSpec spec) : DirectSender(std::move(spec)), maps_(spec_.num_peers) {}
 
   Status Open() {
     auto deadline = DeadlineAfter(spec_.timeout_s);
     for (uint32_t r = 0; r < spec_.num_peers; ++r) {
-      if (Status s = CheckChannelName(spec_.addresses[r]); !s.ok()) return s;
+      if (Status s = CheckChannelName("shm", spec_.addresses[r]); !s.ok()) return s;
       std::string name = SegmentName(spec_.addresses[r], r);
       Status last;
       while (true) {  // the receiver may not have created its segment yet
@@ -137,13 +120,8 @@ class ShmSender : public SendEndpoint {
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
       }
       if (!last.ok()) return last;
+      if (Status s = Adopt(r, name); !s.ok()) return s;
       RegionHeader* region = boxes_[r].region();
-      if (spec_.index >= region->num_senders) {
-        return Error(Code::kInvalidArgument, "sender index " + std::to_string(spec_.index) + " out of range: " +
-                                                 name + " was set up for " + std::to_string(region->num_senders) +
-                                                 " senders");
-      }
-      if (boxes_[r].geometry().capacity < spec_.capacity) spec_.capacity = boxes_[r].geometry().capacity;
       region->sender_pids[spec_.index].store(static_cast<int32_t>(getpid()), std::memory_order_relaxed);
       checks_.emplace_back(region->receiver_pid, "M2N receiver " + std::to_string(r));
     }
@@ -151,18 +129,7 @@ class ShmSender : public SendEndpoint {
   }
 
  protected:
-  Status Write(uint32_t receiver, const MessageHeader& header, const void* data,
-               Clock::time_point deadline) override {
-    const Mailbox& box = boxes_[receiver];
-    if (header.nbytes > box.geometry().capacity) {
-      return Error(Code::kInvalidArgument, "message exceeds the receiver's slot capacity");
-    }
-    if (Status s = box.WaitWritable(header.sender, header.seq, deadline, &checks_[receiver]); !s.ok()) return s;
-    std::memcpy(box.payload(header.sender, header.seq), data, header.nbytes);
-    std::memcpy(box.header(header.sender, header.seq), &header, sizeof(header));
-    box.Publish(header.sender, header.seq);
-    return Status::Ok();
-  }
+  const PeerCheck* receiver_check(uint32_t receiver) const override { return &checks_[receiver]; }
 
  private:
   Status TryAttach(uint32_t r, const std::string& name) {
@@ -181,7 +148,7 @@ class ShmSender : public SendEndpoint {
       return Error(Code::kUnavailable, "segment not sized yet");
     }
     Mapping& map = maps_[r];
-    if (map.memory != MAP_FAILED) munmap(map.memory, map.bytes);
+    map.Unmap();  // an earlier try's mapping of a segment that was not sized or initialised yet
     map.bytes = static_cast<uint64_t>(st.st_size);
     map.memory = mmap(nullptr, map.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
@@ -190,7 +157,6 @@ class ShmSender : public SendEndpoint {
   }
 
   std::vector<Mapping> maps_;
-  std::vector<Mailbox> boxes_;
   std::vector<ProcessAlive> checks_;
 };
 

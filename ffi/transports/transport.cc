@@ -89,6 +89,11 @@ Status RecvEndpoint::NotTaken(const Expectation& expect) {
                                             " not taken: another message of the same receive failed first");
 }
 
+static Status UnknownTransport(const std::string& transport) {
+  return Error(Code::kInvalidArgument,
+               "unknown M2N transport '" + transport + "' (expected shm, tcp or loopback)");
+}
+
 Status OpenSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out) {
   if (spec.addresses.size() != spec.num_peers) {
     return Error(Code::kInvalidArgument, "a sender needs one address per receiver: got " +
@@ -97,19 +102,22 @@ Status OpenSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out) 
   }
   if (spec.transport == "shm") return OpenShmSender(spec, out);
   if (spec.transport == "tcp") return OpenTcpSender(spec, out);
-  return Error(Code::kInvalidArgument, "unknown M2N transport '" + spec.transport + "' (expected shm or tcp)");
+  if (spec.transport == "loopback") return OpenLoopbackSender(spec, out);
+  return UnknownTransport(spec.transport);
 }
 
 Status OpenReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out) {
   if (spec.addresses.size() != 1) {
-    return Error(Code::kInvalidArgument, "a receiver needs exactly one address (shm: channel name, tcp: host:port)");
+    return Error(Code::kInvalidArgument,
+                 "a receiver needs exactly one address (shm, loopback: channel name; tcp: host:port)");
   }
   if (spec.num_peers == 0 || spec.num_peers > kMaxSenders) {
     return Error(Code::kInvalidArgument, "num_senders must be in [1, 256]");
   }
   if (spec.transport == "shm") return OpenShmReceiver(spec, out);
   if (spec.transport == "tcp") return OpenTcpReceiver(spec, out);
-  return Error(Code::kInvalidArgument, "unknown M2N transport '" + spec.transport + "' (expected shm or tcp)");
+  if (spec.transport == "loopback") return OpenLoopbackReceiver(spec, out);
+  return UnknownTransport(spec.transport);
 }
 
 }  // namespace m2n

@@ -13,14 +13,15 @@
 namespace m2n {
 
 struct EndpointSpec {
-  std::string transport;               // "shm" | "tcp" (| "verbs", set up through VerbsEndpoint)
+  std::string transport;               // "shm" | "tcp" | "loopback" (| "verbs", set up through VerbsEndpoint)
   uint32_t index = 0;                  // this endpoint's index among the senders (or receivers)
   uint32_t num_peers = 1;              // receivers for a sender, senders for a receiver
   uint32_t depth = 4;                  // ring slots per sender
   uint64_t capacity = 1 << 20;         // bytes per slot
   double timeout_s = 10.0;             // default for send / receive / connect
   // Receivers: shm -> the channel name (segment "/msjax-m2n-<name>-r<index>"); tcp -> "host:port" to bind
-  // (port 0 picks one; address() tells which). Senders: one address per receiver, in receiver order.
+  // (port 0 picks one; address() tells which); loopback -> the channel name (registered in this process under
+  // (name, index)). Senders: one address per receiver, in receiver order.
   std::vector<std::string> addresses;
 };
 
@@ -28,7 +29,7 @@ class SendEndpoint {
  public:
   virtual ~SendEndpoint() = default;
   // Sends `nbytes` of `data` to `receiver`, tagged (layer, micro_batch). Returns when the bytes are in the
-  // receiver's slot (shm) or handed to the kernel (tcp); the receiver's completion flag tells it the rest.
+  // receiver's slot (shm, loopback) or handed to the kernel (tcp); the receiver's completion flag tells it the rest.
   Status Send(uint32_t receiver, uint32_t layer, uint32_t micro_batch, const void* data, uint64_t nbytes,
               double timeout_s = -1);
   uint32_t index() const { return spec_.index; }
@@ -92,10 +93,12 @@ class RecvEndpoint {
 Status OpenSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);
 Status OpenReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out);
 
-// Per transport (transports/shm.cc, transports/tcp.cc).
+// Per transport (transports/shm.cc, transports/tcp.cc, transports/loopback.cc).
 Status OpenShmSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);
 Status OpenShmReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out);
 Status OpenTcpSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);
 Status OpenTcpReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out);
+Status OpenLoopbackSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);
+Status OpenLoopbackReceiver(const EndpointSpec& spec, std::unique_ptr<RecvEndpoint>* out);
 
 }  // namespace m2n

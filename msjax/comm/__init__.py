@@ -1,12 +1,7 @@
-"""The Python face of M2N: how tokens are packed for expert nodes, combined on return, and moved.
+"""The Python face of M2N: transports (`transports`), the native endpoints and custom calls (`native`, `node_calls`),
+packets and routing (`m2n`), the rendezvous (`rendezvous`), the node endpoints of a deployment (`endpoints`) and
+the wire formats (`wire`).
 
-In-process transport: `InProcessTransport`. Between processes: the native M2N library (ffi/) with endpoints
-`Sender` / `Receiver` over shared memory or TCP, and the `m2n_send` / `m2n_recv` custom calls for jitted
-programs (msjax.comm.native; the library is loaded on first use).
+Submodules are imported by name (`from msjax.comm import native`): this package imports nothing by itself, so
+the configuration can name transports without loading JAX or the native library.
 """
-
-from msjax.comm.m2n import InProcessTransport, Packet, Routing, combine_returned, pack, transport_for
-from msjax.comm.native import M2NError, M2NTimeout, Receiver, Sender, m2n_recv, m2n_send
-
-__all__ = ["InProcessTransport", "M2NError", "M2NTimeout", "Packet", "Receiver", "Routing", "Sender",
-           "combine_returned", "m2n_recv", "m2n_send", "pack", "transport_for"]

@@ -15,7 +15,7 @@ import numpy as np
 
 LIBRARY = "libmsjax_m2n.so"
 CUDA_LIBRARY = "libmsjax_m2n_cuda.so"
-TRANSPORTS = ("shm", "tcp")
+TRANSPORTS = ("shm", "tcp", "loopback")  # loopback: endpoints of one process, through private memory
 _ERR_LEN = 1024
 _NOT_RECEIVED = 2**64 - 1  # a recv_all byte count: that sender's message was not received
 _CODES = {1: "invalid argument", 2: "deadline exceeded", 3: "unavailable", 4: "malformed message", 5: "internal"}
@@ -173,7 +173,7 @@ class _Endpoint:
 
 class Sender(_Endpoint):
     """Sender `index` of M, talking to len(addresses) receivers. Opening waits (up to `timeout_s`) for every
-    receiver to exist."""
+    receiver to exist (loopback: to be open in this process)."""
 
     def __init__(self, transport: str, addresses: list[str], index: int, capacity: int, timeout_s: float = 10.0):
         _check_transport(transport)
@@ -228,7 +228,7 @@ class Receiver(_Endpoint):
 
     @property
     def address(self) -> str:
-        """What senders pass for this receiver: tcp "ip:port" as bound; shm the channel name."""
+        """What senders pass for this receiver: tcp "ip:port" as bound; shm and loopback the channel name."""
         out = _err()
         _check(library().m2n_address(self.handle, out, _ERR_LEN), out)
         return out.value.decode()
@@ -285,7 +285,8 @@ class Receiver(_Endpoint):
         return out[:self.recv_into(out, sender, layer, micro_batch, timeout_s)].tobytes()
 
     def inject(self, sender: int, seq: int, raw: bytes) -> None:
-        """Test hook (shm and tcp): write raw bytes (header, then payload) into a slot as a faulty sender would."""
+        """Test hook (shm, loopback and tcp): write raw bytes (header, then payload) into a slot as a faulty sender
+        would."""
         buf = np.frombuffer(raw, np.uint8) if raw else np.zeros(1, np.uint8)
         err = _err()
         _check(library().m2n_debug_inject(self.handle, sender, seq, buf.ctypes.data, len(raw), err, _ERR_LEN), err)

@@ -6,8 +6,8 @@ the (token, k) assignments routed to that node, sorted by its local expert id, w
 The expert node returns one output row per received row; the attention node scatters them back to their
 assignments and takes the weighted sum.
 
-A transport moves packets and outputs between device groups. The in-process transport copies whole buffers
-device to device; the native M2N library (ffi/) moves only the valid rows, inside the programs.
+The native M2N library (ffi/) moves them between nodes, only the valid rows, from inside the nodes' programs
+(`msjax.comm.native`), over whichever transport the plan resolves to (`msjax.comm.transports`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
-
-from msjax.config import DeploymentPlan
-from msjax.errors import ConfigError
-from msjax.models import sharding
 
 
 GOLDEN = 0.6180339887498949  # low-discrepancy sequence: assignments spread over replicas close to their shares
@@ -111,25 +106,3 @@ def combine_returned(outputs: tuple[jax.Array, ...], orders: tuple[jax.Array, ..
         acc = acc.at[jnp.where(order >= 0, order, tokens * k)].add(out.astype(jnp.float32), mode="drop")
     moe = jnp.einsum("tkh,tk->th", acc.reshape(tokens, k, -1), topk_weights, precision=jax.lax.Precision.HIGHEST)
     return moe.astype(outputs[0].dtype)
-
-
-class InProcessTransport:
-    """Moves packets and expert outputs between device groups of this process with asynchronous
-    device-to-device copies (whole fixed-capacity buffers)."""
-
-    def send(self, value, mesh: Mesh):
-        return jax.device_put(value, sharding.replicated(mesh))
-
-
-def transport_for(plan: DeploymentPlan):
-    """The in-process transport between device groups of this process. Plans with transport "shm" or "tcp" put
-    each expert node in its own process: `msjax.runtime.multiprocess.MultiProcessRunner` (what the Engine picks
-    for them), with the native library's custom calls inside the programs."""
-    if plan.transport in ("auto", "inprocess"):
-        return InProcessTransport()
-    if plan.transport in ("shm", "tcp"):
-        raise ConfigError("transport", f"{plan.transport!r} runs expert nodes as separate processes: use "
-                          "msjax.runtime.multiprocess.MultiProcessRunner (Engine does for such plans), not the "
-                          "in-process runner")
-    raise ConfigError("transport", f"{plan.transport!r} is not supported yet; use 'auto' (in-process), 'shm' or "
-                      "'tcp' (expert nodes as processes)")

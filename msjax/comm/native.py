@@ -6,9 +6,11 @@ custom calls that move a packet's valid rows from inside a jitted program.
     jax.jit(lambda rows, n: m2n_send(rows, n, tx, receiver=0, layer=3))(rows, n)  # A: only rows[:n] travel
     rows, n = jax.jit(lambda: m2n_recv(rx, sender=0, layer=3, like=rows))()       # B
 
-A sender's addresses are one per receiver: the channel name for shm (every receiver of a channel shares it),
-"host:port" for tcp; `Receiver.address` gives either (for tcp, after binding port 0). Sequence numbers are per
-(sender, receiver) channel, so both sides must issue their sends and receives of a channel in the same order.
+A sender's addresses are one per receiver: the channel name for shm and loopback (every receiver of a channel
+shares it), "host:port" for tcp; `Receiver.address` gives either (for tcp, after binding port 0). Transport
+"loopback" connects endpoints of one process (nodes hosted together) through private memory, by the same calls.
+Sequence numbers are per (sender, receiver) channel, so both sides must issue their sends and receives of a
+channel in the same order.
 """
 
 from __future__ import annotations
