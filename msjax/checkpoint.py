@@ -18,9 +18,11 @@ from flax import nnx
 
 from msjax.config import ModelConfig
 from msjax.errors import CheckpointError, ConfigError
-from msjax.models.families import family_for_config
+from msjax.models.families import family_for_config, read_config
 from msjax.models.modules import AttentionRole, ExpertRole
 from msjax.safetensors_file import SafetensorsFile
+
+__all__ = ["TensorReader", "load_attention_role", "load_expert_role", "load_model", "read_config"]
 
 
 class TensorReader:
@@ -84,20 +86,6 @@ class TensorReader:
         self.bytes_read += array.nbytes
         if self._progress is not None:
             self._progress(self.bytes_read, self.total_bytes)
-
-
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    """Parse `config.json` of an HF checkpoint directory into a ModelConfig through its family."""
-    config_path = Path(path) / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{path}: no config.json (is this an HF checkpoint directory?)")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError("config.json", f"{config_path} is not valid JSON ({err})") from None
-    if not isinstance(hf, dict):
-        raise ConfigError("config.json", f"{config_path} must hold a JSON object")
-    return family_for_config(hf).config_from_hf(hf)
 
 
 def _fill(module: nnx.Module, layers: int, per_layer: Callable[[int], dict[str, np.ndarray]],

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from msjax.comm.transports import PLAN_TRANSPORTS
 from msjax.errors import ConfigError
+
+MAX_LOGPROBS = 20  # top-n logprobs per token, at most (vLLM's default max_logprobs)
 
 RopeKind = Literal["default", "linear", "llama3", "yarn"]
 NormKind = Literal["rms", "layernorm"]
@@ -160,7 +163,25 @@ class EngineConfig:
         return length
 
 
-TRANSPORTS = ("auto", "inprocess", "shm", "tcp", "rdma")
+
+
+def check_placement(placement: tuple[tuple[int, ...], ...], num_experts: int, expert_nodes: int) -> None:
+    """Every expert on at least one of the `expert_nodes` nodes, each node holding some, none twice; errors
+    name the field. A plan's placement and every re-placement are checked here."""
+    if len(placement) != expert_nodes:
+        raise ConfigError("placement", f"lists {len(placement)} expert nodes, the plan has {expert_nodes}")
+    if any(not node for node in placement):
+        raise ConfigError("placement", "every expert node must hold at least one expert")
+    held = {e for node in placement for e in node}
+    outside = sorted(e for e in held if not 0 <= e < num_experts)
+    if outside:
+        raise ConfigError("placement", f"experts {outside} do not exist (the model has {num_experts})")
+    missing = sorted(set(range(num_experts)) - held)
+    if missing:
+        raise ConfigError("placement", f"experts {missing} are on no expert node")
+    for node in placement:
+        if len(set(node)) != len(node):
+            raise ConfigError("placement", f"an expert node lists an expert twice: {node}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +201,12 @@ class DeploymentPlan:
     micro_batches: int = 2  # m: micro-batches in flight per attention node
     max_batch: int | None = None  # global decode batch B; None lets the engine choose
     placement: tuple[tuple[int, ...], ...] | None = None  # experts held by each expert node; None: contiguous blocks
-    transport: str = "auto"  # auto: in-process when every node is in this process
+    transport: str = "auto"  # auto: every node in this process (msjax.comm.transports)
     attention_gpu: str | None = None  # hardware names the planner fills
     expert_gpu: str | None = None
     colocated_devices: int = 0  # > 0: the colocated baseline over this many devices
-    # transport shm / tcp: every attention node a process of its own too (the engine's process then only
-    # schedules); otherwise the engine's process runs the attention nodes
+    # transport shm / tcp / rdma: every attention node a process of its own too (the engine's process then
+    # only schedules); otherwise the engine's process holds the attention nodes
     attention_processes: bool = False
 
     def __post_init__(self):
@@ -194,8 +215,8 @@ class DeploymentPlan:
             raise ConfigError("micro_batches", f"must be an integer >= 1, got {self.micro_batches!r}")
         if self.max_batch is not None:
             _check_positive(self, "max_batch")
-        if self.transport not in TRANSPORTS:
-            raise ConfigError("transport", f"must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.transport not in PLAN_TRANSPORTS:
+            raise ConfigError("transport", f"must be one of {', '.join(PLAN_TRANSPORTS)}, got {self.transport!r}")
         if not isinstance(self.attention_processes, bool):
             raise ConfigError("attention_processes", f"must be true or false, got {self.attention_processes!r}")
         if not isinstance(self.colocated_devices, int) or self.colocated_devices < 0:
@@ -218,6 +239,11 @@ class DeploymentPlan:
         return self.colocated_devices > 0
 
     @property
+    def num_replicas(self) -> int:
+        """Attention replicas, each with its own KV pages and scheduler (one program: one)."""
+        return 1 if self.is_colocated else self.attention_nodes
+
+    @property
     def num_devices(self) -> int:
         if self.is_colocated:
             return self.colocated_devices
@@ -234,13 +260,11 @@ class DeploymentPlan:
         bounds = [round(i * num_experts / self.expert_nodes) for i in range(self.expert_nodes + 1)]
         return tuple(tuple(range(bounds[i], bounds[i + 1])) for i in range(self.expert_nodes))
 
-    def validate(self, model: ModelConfig, num_devices: int) -> None:
-        """Check the plan against a model and the devices at hand; errors name the field."""
-        if self.num_devices > num_devices:
+    def validate(self, model: ModelConfig, num_devices: int | None = None) -> None:
+        """Check the plan against a model (and, given `num_devices`, the devices at hand); errors name the
+        field. Where its nodes run is checked when a deployment resolves it (`msjax.runtime.deployment`)."""
+        if num_devices is not None and self.num_devices > num_devices:
             raise ConfigError("plan", f"needs {self.num_devices} devices, only {num_devices} exist")
-        if self.attention_processes and (self.is_colocated or self.transport not in ("shm", "tcp")):
-            raise ConfigError("attention_processes", "puts nodes in processes: it needs a disaggregated plan with "
-                              f"transport 'shm' or 'tcp', got transport {self.transport!r}")
         if self.is_colocated:  # shards heads and experts where they divide, replicates the rest
             return
         kv = model.num_kv_heads
@@ -253,17 +277,7 @@ class DeploymentPlan:
         if model.expert_ffn_size % self.expert_tp:
             raise ConfigError("expert_tp", f"{self.expert_tp} does not divide the expert FFN size "
                               f"{model.expert_ffn_size}")
-        placement = self.expert_placement(model.num_experts)
-        held = {e for node in placement for e in node}
-        outside = sorted(e for e in held if not 0 <= e < model.num_experts)
-        if outside:
-            raise ConfigError("placement", f"experts {outside} do not exist (the model has {model.num_experts})")
-        missing = sorted(set(range(model.num_experts)) - held)
-        if missing:
-            raise ConfigError("placement", f"experts {missing} are on no expert node")
-        for node in placement:
-            if len(set(node)) != len(node):
-                raise ConfigError("placement", f"an expert node lists an expert twice: {node}")
+        check_placement(self.expert_placement(model.num_experts), model.num_experts, self.expert_nodes)
 
     # --- TOML ---
 

@@ -74,11 +74,16 @@ class KVCache:
     def page_size(self) -> int:
         return self.k.shape[1]
 
+    @staticmethod
+    def shape(cfg: ModelConfig, pages_per_layer: int, page_size: int) -> tuple[int, int, int, int]:
+        """[num_layers * pages_per_layer, page_size, kv_heads, head_dim]: of K and of V."""
+        return cfg.num_layers * pages_per_layer, page_size, cfg.num_kv_heads, cfg.head_dim
+
     @classmethod
     def create(cls, cfg: ModelConfig, pages_per_layer: int, page_size: int, dtype=jnp.float32,
                sharding=None) -> "KVCache":
-        shape = (cfg.num_layers * pages_per_layer, page_size, cfg.num_kv_heads, cfg.head_dim)
-        zeros = partial(jnp.zeros, shape, dtype, device=sharding)
+        """Zeros, on `sharding` (`msjax.models.sharding.kv_cache` derives it from a deployment's rules)."""
+        zeros = partial(jnp.zeros, cls.shape(cfg, pages_per_layer, page_size), dtype, device=sharding)
         return cls(k=zeros(), v=zeros(), pages_per_layer=pages_per_layer)
 
     def write(self, layer: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array) -> "KVCache":

@@ -20,6 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.platform import is_hopper
+
 
 def _tail_mask(rows: int, group_sizes: jax.Array) -> jax.Array:  # [rows, 1] bool
     return (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
@@ -355,10 +357,6 @@ def default_tiling(rows: int, num_groups: int, k: int, n_out: int, *, num_rhs: i
     return None
 
 
-def _is_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
-
 
 def _pick_kernel(impl: Impl, interpret: bool, dtype, tiling: GemmTiling | None) -> bool:
     """Whether to run the kernel: "auto" takes it on a Hopper GPU (or when interpreted) for shapes and dtypes
@@ -366,11 +364,11 @@ def _pick_kernel(impl: Impl, interpret: bool, dtype, tiling: GemmTiling | None) 
     if impl == "reference":
         return False
     if impl == "kernel":
-        if not interpret and not _is_hopper():
+        if not interpret and not is_hopper():
             raise ValueError("impl='kernel' needs a Hopper GPU (wgmma, TMA); pass interpret=True on other hosts")
         return True
     if impl == "auto":
-        return (interpret or _is_hopper()) and dtype in (jnp.bfloat16, jnp.float16) and tiling is not None
+        return (interpret or is_hopper()) and dtype in (jnp.bfloat16, jnp.float16) and tiling is not None
     raise ValueError(f"impl must be 'auto', 'kernel' or 'reference', got {impl!r}")
 
 

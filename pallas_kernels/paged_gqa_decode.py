@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.platform import is_hopper
+
 _WGMMA_ROWS = 64  # a warpgroup's wgmma has M = 64: the query group is padded to it
 _SMEM_LIMIT = 227 * 1024  # Hopper's shared memory per block
 _SMEM_BUDGET = 200 * 1024  # what the default tiling fills, leaving room for barriers and alignment
@@ -335,10 +337,6 @@ def paged_gqa_decode_kernel(
     return out.reshape(batch, q_heads, head_dim).astype(q.dtype)
 
 
-def _is_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
-
 
 @functools.partial(jax.jit, static_argnames=("scale", "impl", "interpret", "block_kv", "num_stages", "num_splits"))
 def paged_gqa_decode(
@@ -380,7 +378,7 @@ def paged_gqa_decode(
         except ValueError:
             supported = False
         else:
-            supported = bool(interpret) or _is_hopper()
+            supported = bool(interpret) or is_hopper()
         if not supported:
             return paged_gqa_decode_reference(q, k_pages, v_pages, page_table, lengths, scale=scale)
     return paged_gqa_decode_kernel(q, k_pages, v_pages, page_table, lengths, scale=scale, tiling=tiling,

@@ -71,3 +71,22 @@ def assert_same_outputs(got, want) -> None:
             a = np.array([mine[t] for t in theirs])
             b = np.array(list(theirs.values()))
             assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)) + 1e-6, rid
+
+
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, *, page_size: int = 16,
+                    plan=None) -> list[list[int]]:
+    """Each prompt continued greedily by `max_new_tokens` tokens (EOS ignored) through the engine, as a user's
+    requests run: what the golden tests compare with HF's `generate`."""
+    from msjax import EngineConfig, SamplingParams
+    from msjax.engine.engine import Engine
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    pages = -(-longest // page_size)
+    config = EngineConfig(page_size=page_size, num_pages=len(prompts) * pages + 1, max_num_seqs=len(prompts),
+                          max_num_batched_tokens=max(sum(len(p) for p in prompts), 16), max_model_len=longest)
+    engine = Engine(model, config, plan=plan, eos_token_ids=())
+    sampling = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    try:
+        out = run_requests(engine, [(str(i), list(p), sampling) for i, p in enumerate(prompts)])
+    finally:
+        engine.close()
+    return [out[str(i)][0] for i in range(len(prompts))]

@@ -14,8 +14,7 @@ import pytest
 
 from msjax.checkpoint import load_model
 from msjax.kv_cache import KVCache
-from msjax.runtime.generate import greedy_generate
-from tests.model_utils import decode_token_by_token, prefill_batch, shuffled_page_table
+from tests.model_utils import decode_token_by_token, greedy_generate, prefill_batch, shuffled_page_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "golden.json").exists())

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from msjax.errors import ModelTooLargeError, UnknownArchitectureError
-from msjax.models import load
+from msjax.loading import load
 from msjax.models.presets import abstract_roles, check_fits_in_memory, preset_config
 
 

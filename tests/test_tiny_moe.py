@@ -8,9 +8,9 @@ import json
 import pytest
 
 from msjax.cli import main
-from msjax.models import load, resolve_model_path
-from msjax.runtime.generate import greedy_generate
+from msjax.loading import load, resolve_model_path
 from msjax.tokenizer import load_tokenizer
+from tests.model_utils import greedy_generate
 
 with contextlib.redirect_stdout(io.StringIO()):
     import this

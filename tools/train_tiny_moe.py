@@ -158,11 +158,16 @@ def write_checkpoint(out: Path, cfg: ModelConfig, tok: Tokenizer, attention, exp
 
 def check_reproduces(out: Path, ids: list[int]) -> None:
     """Load the written checkpoint through the normal loader and continue a prompt taken from the text."""
-    from msjax.runtime.generate import greedy_generate
+    from msjax import EngineConfig, SamplingParams
     from msjax.checkpoint import load_model
+    from msjax.engine.engine import Engine
     model = load_model(out)
     start, prompt_len, new = 40, 12, 60
-    got = greedy_generate(model, [ids[start:start + prompt_len]], new)[0]
+    engine = Engine(model, EngineConfig(max_model_len=prompt_len + new), eos_token_ids=())
+    engine.add_request("check", ids[start:start + prompt_len], SamplingParams(max_tokens=new, temperature=0.0))
+    got = []
+    while engine.has_unfinished():
+        got += [t for d in engine.step() for t in d.token_ids]
     want = ids[start + prompt_len:start + prompt_len + new]
     print(f"reproduction: {sum(a == b for a, b in zip(got, want))}/{new} tokens match")
     if got != want:

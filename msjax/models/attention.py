@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from msjax.kv_cache import AttentionBatch, KVCache
 from pallas_kernels.paged_gqa_decode import paged_gqa_decode
+from pallas_kernels.platform import kernel_args
 
 
 def paged_prefill_attention(
@@ -59,6 +60,5 @@ def paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Attentio
     if decode:
         lengths = jnp.where(batch.positions >= 0, batch.positions + 1, 0)
         return paged_gqa_decode(q, kv.k, kv.v, page_table[batch.seq_ids], lengths, scale=scale,
-                                impl="kernel" if kernels == "interpret" else kernels,
-                                interpret=kernels == "interpret")
+                                **kernel_args(kernels))
     return paged_prefill_attention(q, kv.k, kv.v, page_table, batch.seq_ids, batch.positions, scale=scale)

@@ -1,13 +1,14 @@
-"""Each layer's weights as their own arrays, for programs that run every layer of a step.
+"""Each layer's weights as their own arrays, for the nodes' per-layer programs.
 
-The roles stack every layer's weights on a leading layer axis (`msjax.models.modules`), so one compiled program
-serves any layer. A program that runs *all* layers (the multi-process runtime's step programs) indexes that
-axis with constants, and XLA then copies each layer's weights out of the stacked array before using them: on
-this project's CPU machine those copies cost more than the expert matmuls, and XLA scheduled them all at the
-start of the program, so its temporary memory held every layer's weights a second time. `split_layers` does the
-slicing once, at load: layer l's state holds that layer's weights as arrays with a leading axis of 1 (the same
-module code indexes them with layer 0, which XLA reduces to nothing) and the shared weights (embeddings, final
-norm, LM head) as the same arrays in every layer's state.
+The roles stack every layer's weights on a leading layer axis (`msjax.models.modules`). A program that indexes
+that axis (with a constant, or a layer number it is given) makes XLA copy the layer's weights out of the stacked
+array before using them: on this project's CPU machine those copies cost more than the expert matmuls, and in a
+program that runs several layers XLA scheduled them all at the start, so its temporary memory held every
+layer's weights a second time. `split_layers` does the slicing once, at load: layer l's state holds that
+layer's weights as arrays with a leading axis of 1 (the same module code indexes them with layer 0, which XLA
+reduces to nothing) and the shared weights (embeddings, final norm, LM head) as the same arrays in every layer's
+state. One compiled layer program then serves every layer: it is called with layer l's state as its argument
+(`msjax.runtime.layer_programs`).
 """
 
 from __future__ import annotations

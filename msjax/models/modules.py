@@ -18,6 +18,7 @@ from msjax.models.attention import paged_attention
 from msjax.models.layers import norm, rms_norm, route, swiglu
 from msjax.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from pallas_kernels.grouped_gemm import grouped_ffn
+from pallas_kernels.platform import kernel_args
 
 INIT_STD = 0.02
 
@@ -163,6 +164,4 @@ class ExpertRole(nnx.Module):
         """SwiGLU experts over rows x [rows, hidden] sorted by local expert, group_sizes [local experts]."""
         with jax.named_scope("experts"):
             wl = _weight_index(self.w_down, layer)
-            return grouped_ffn(x, group_sizes, self.w_gate_up[wl], self.w_down[wl],
-                               impl="kernel" if self.kernels == "interpret" else self.kernels,
-                               interpret=self.kernels == "interpret")
+            return grouped_ffn(x, group_sizes, self.w_gate_up[wl], self.w_down[wl], **kernel_args(self.kernels))

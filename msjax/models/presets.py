@@ -49,7 +49,7 @@ def preset_names() -> list[str]:
 def preset_config(name: str, *, num_layers: int | None = None) -> ModelConfig:
     """The config of a named model, optionally cut to `num_layers` layers."""
     if name == "tiny-moe":
-        from msjax.checkpoint import read_config
+        from msjax.models.families import read_config
         cfg = read_config(TINY_MOE_DIR)
     elif name in _CONFIGS:
         cfg = _CONFIGS[name]

@@ -1,16 +1,10 @@
-"""The jitted programs over the two roles, and the colocated model that composes them.
+"""The model's two roles composed: `MoEModel` (both roles as graph definitions and state pytrees) and the
+colocated forward, every module in one program with a loop over layers (the baseline, the numerics reference,
+and what training differentiates).
 
-Every program takes an `nnx.split` graph definition (static) and state pytree, and the layer index as a traced
-argument, so each role compiles once for all layers:
-
-- `embed_program`      attention side: token ids -> residual stream
-- `attention_program`  attention side: one layer up to routing (incl. the shared expert); writes the KV cache
-- `expert_program`     expert side: the grouped SwiGLU experts over rows sorted by expert
-- `head_program`       attention side: final norm and LM head
-
-Between attention and expert programs sit `dispatch` and `combine` (msjax.models.moe); the disaggregation
-work moves them behind the M2N interface. `MoEModel.forward` is the colocated baseline: the same functions
-composed in one program with a loop over layers.
+The disaggregated programs — one per layer, reused for every layer, each node's own — are in
+`msjax.runtime.layer_programs`; dispatch and combine between the roles in `msjax.models.moe` (in one program)
+and `msjax.comm.m2n` (between nodes).
 """
 
 from __future__ import annotations
@@ -20,34 +14,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from msjax.config import ModelConfig
 from msjax.kv_cache import AttentionBatch, KVCache
 from msjax.models.modules import AttentionRole, ExpertRole
 from msjax.models.moe import combine, dispatch
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def embed_program(graphdef, state, tokens: jax.Array) -> jax.Array:  # [t] -> [t, hidden]
-    return nnx.merge(graphdef, state).embed_tokens(tokens)
-
-
-@partial(jax.jit, static_argnames=("graphdef", "decode"), donate_argnames=("kv",))
-def attention_program(graphdef, state, layer: jax.Array, h: jax.Array, batch: AttentionBatch, kv: KVCache, *,
-                      decode: bool):
-    """-> (h [t, hidden], x [t, hidden], topk_ids [t, k], topk_weights [t, k], kv)."""
-    return nnx.merge(graphdef, state)(layer, h, batch, kv, decode=decode)
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def expert_program(graphdef, state, layer: jax.Array, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(layer, rows, group_sizes)
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def head_program(graphdef, state, h: jax.Array) -> jax.Array:  # [t, hidden] -> [t, vocab] float32
-    return nnx.merge(graphdef, state).logits(h)
 
 
 def colocated_logits(attention: AttentionRole, experts: ExpertRole, tokens: jax.Array, batch: AttentionBatch,
@@ -109,6 +82,19 @@ class MoEModel:
     @property
     def dtype(self):
         return jax.tree.leaves(self.attention_state)[0].dtype
+
+    def expert_subset(self, expert_ids: tuple[int, ...]) -> tuple[nnx.GraphDef, nnx.State]:
+        """The expert role holding only `expert_ids` (in that order; repeats allowed: replicas), sliced from the
+        full expert state on the host side: what an expert node of this model holds."""
+        module = nnx.eval_shape(lambda: ExpertRole(self.cfg, expert_ids=tuple(expert_ids), dtype=self.dtype,
+                                                   rngs=nnx.Rngs(0), kernels=self.kernels))
+        graphdef, abstract = nnx.split(module)
+        index = np.asarray(expert_ids)
+        return graphdef, jax.tree.map(lambda a, full: full[:, index], abstract, self.expert_state)
+
+    @property
+    def kernels(self) -> str:
+        return nnx.merge(self.attention_def, self.attention_state).kernels
 
     def forward(self, tokens: jax.Array, batch: AttentionBatch, kv: KVCache, logit_rows: jax.Array, *,
                 decode: bool) -> tuple[jax.Array, KVCache]:

@@ -69,5 +69,12 @@ def kv_sharding(shape: tuple[int, ...], rules: dict[str, str], mesh: Mesh) -> Na
     return NamedSharding(mesh, partition_spec(shape, KV_AXES, rules, mesh))
 
 
+def kv_cache(cfg, pages_per_layer: int, page_size: int, dtype, rules: dict[str, str], mesh: Mesh):
+    """A zero KV cache on `mesh`, its KV heads placed by `rules`."""
+    from msjax.kv_cache import KVCache
+    shape = KVCache.shape(cfg, pages_per_layer, page_size)
+    return KVCache.create(cfg, pages_per_layer, page_size, dtype=dtype, sharding=kv_sharding(shape, rules, mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

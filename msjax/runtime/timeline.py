@@ -1,4 +1,5 @@
-"""Device timelines of the ping-pong pipeline: when each (node, layer, micro-batch) program really ran.
+"""Device timelines of the ping-pong pipeline: when each node's programs (one per layer, every micro-batch of the
+step inside: `msjax.runtime.layer_programs`) really ran.
 
 Times come from the JAX profiler's trace of device execution, not from host dispatch (which returns long
 before the device finishes). The runner logs each launch in order; the profiler logs each execution with its
@@ -22,11 +23,11 @@ import jax
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    program: str  # jitted function name, e.g. "attention_step"
+    program: str  # jitted function name, e.g. "attention_layer"
     group: str  # "attention" or "experts"
     node: int
     layer: int
-    micro_batch: int
+    micro_batch: int  # -1: the program runs every micro-batch of the step
     device: int  # ordinal of the node's first device
 
 
@@ -89,7 +90,8 @@ class Timeline:
                            "args": {"name": f"{s.launch.group} node {s.launch.node}"}})
             events.append({"ph": "X", "pid": pid, "tid": s.launch.node, "ts": s.start_us,
                            "dur": s.end_us - s.start_us,
-                           "name": f"{s.launch.program} L{s.launch.layer} mb{s.launch.micro_batch}",
+                           "name": f"{s.launch.program} L{s.launch.layer}"
+                                   + (f" mb{s.launch.micro_batch}" if s.launch.micro_batch >= 0 else ""),
                            "args": dataclasses.asdict(s.launch)})
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
@@ -115,11 +117,13 @@ class Timeline:
         colors = plt.get_cmap("tab10")
         for s in self.spans:
             y = rows.index((s.launch.group, s.launch.node))
+            colour = s.launch.micro_batch if s.launch.micro_batch >= 0 else s.launch.layer
             ax.barh(y, (s.end_us - s.start_us) / 1e3, left=(s.start_us - t0) / 1e3, height=0.8,
-                    color=colors(s.launch.micro_batch % 10), edgecolor="black", linewidth=0.3)
+                    color=colors(colour % 10), edgecolor="black", linewidth=0.3)
         ax.set_yticks(range(len(rows)), [f"{g} {n}" for g, n in rows])
         ax.invert_yaxis()
-        ax.set_xlabel("ms (device execution; colour = micro-batch)")
+        per_layer = all(sp.launch.micro_batch < 0 for sp in self.spans)
+        ax.set_xlabel(f"ms (device execution; colour = {'layer' if per_layer else 'micro-batch'})")
         busy = ", ".join(f"{g} busy {f:.0%}" for g, f in self.busy_fraction().items())
         ax.set_title(f"{title}  {busy}".strip())
         fig.tight_layout()

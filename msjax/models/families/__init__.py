@@ -8,10 +8,13 @@ out in msjax's layout ([in, out] matrices); the forward code is shared and knows
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from types import ModuleType
 
 from msjax.config import ModelConfig
-from msjax.errors import ConfigError, UnknownArchitectureError
+from msjax.errors import CheckpointError, ConfigError, UnknownArchitectureError
 from msjax.models.families import dbrx, mixtral, olmoe, qwen2_moe, qwen3_moe
 
 _FAMILIES: dict[str, ModuleType] = {
@@ -36,3 +39,17 @@ def family_for_config(config: dict | ModelConfig) -> ModuleType:
     if arch not in _FAMILIES:
         raise UnknownArchitectureError(arch, supported_architectures())
     return _FAMILIES[arch]
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """Parse `config.json` of an HF checkpoint directory into a ModelConfig through its family."""
+    config_path = Path(path) / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path}: no config.json (is this an HF checkpoint directory?)")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("config.json", f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError("config.json", f"{config_path} must hold a JSON object")
+    return family_for_config(hf).config_from_hf(hf)
