@@ -6,9 +6,9 @@ One attention node and one expert node (one device each) serve a random MoE whos
 step are of similar size. For each m: the median decode step time, tokens/s, and each group's busy fraction
 from the device timeline (JAX profiler), plus the timeline picture of one traced step.
 
-Here (CPU, forced host devices) the two nodes are two XLA:CPU devices in one process: each program already uses
-every core, so the groups cannot overlap and m > 1 only adds dispatches. The multi-process M2N work measures
-the same loop with the nodes pinned to separate cores.
+Here (CPU, forced host devices) the two nodes are two XLA:CPU devices in one process, exchanging packets over
+the loopback transport: each program already uses every core, so the groups cannot overlap and m > 1 only adds
+work. bench/pipeline_pinned.py measures the same nodes in separate processes pinned to separate cores.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def measure(model: MoEModel, m: int, batch: int, context: int, steps: int, trace
     engine = Engine(model, cfg, plan=DeploymentPlan(1, 1, 1, 1, m))
     step_s = time_decode_steps(engine, batch, context, steps)
     timeline = Timeline()
-    engine.runner.timeline = timeline
+    engine.runner.attach_timeline(timeline)
     with timeline.trace(tempfile.mkdtemp()):
         engine.step()
-    engine.runner.timeline = None
+    engine.runner.attach_timeline(None)
     if trace_dir is not None:
         timeline.save(trace_dir, f"decode step, batch {batch}, m={m} ({hardware_name()})")
     return step_s, timeline.busy_fraction()

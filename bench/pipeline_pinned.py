@@ -1,7 +1,7 @@
-"""The ping-pong pipeline across processes: the attention node (the engine's process) pinned to one core, the
-expert node (a worker process, plan transport shm) pinned to another, packets through the native M2N library.
+"""The ping-pong pipeline across processes: the attention node (held by the engine's process) pinned to one core,
+the expert node (a node process, plan transport shm) pinned to another, packets through the native M2N library.
 Decode step time for m = 1..4, and the performance model's prediction (paper Eq. 5) from T_a, T_e profiled on
-one core each.
+one core each (each node's own layer programs over a loopback).
 
     .venv/bin/python bench/pipeline_pinned.py [--batch 64] [--context 256] [--micro-batches 1,2,3,4]
 
@@ -35,10 +35,9 @@ from msjax import Engine, EngineConfig  # noqa: E402
 from msjax.config import DeploymentPlan  # noqa: E402
 from msjax.engine.batch import decode_bucket  # noqa: E402
 from msjax.models.programs import MoEModel  # noqa: E402
-from msjax.planner.profiler import (interpolate, measure_attention_program, measure_expert_program,  # noqa: E402
-                                   measure_layer_times, predicted_step_seconds, time_decode_step_variants,
-                                   traced_host_seconds)
-from msjax.runtime.multiprocess import MultiProcessRunner  # noqa: E402
+from msjax.planner.profiler import (interpolate, measure_layer_times, predicted_step_seconds,  # noqa: E402
+                                   time_decode_step_variants, traced_host_seconds)
+from msjax.runtime.runner import make_runner  # noqa: E402
 
 
 def pin_process(pid: int, cpu: int) -> None:
@@ -83,13 +82,13 @@ def measure(model: MoEModel, ms: list[int], batch: int, context: int, steps: int
     engine's process runs no program to trace."""
     cfg = engine_config(batch, context, steps, len(ms))
     plan = DeploymentPlan(1, 1, 1, 1, ms[0], transport="shm", attention_processes=attention_processes)
-    runner = MultiProcessRunner(model, cfg, plan)
+    runner = make_runner(model, cfg, plan)
     try:
-        for proc in runner.procs:
-            pin_process(proc.pid, EXPERT_CPU)
-        for proc in runner.attention_procs:
-            pin_process(proc.pid, ATTENTION_CPU)
-        pids = (runner.attention_procs[0].pid if attention_processes else os.getpid(), runner.procs[0].pid)
+        procs = runner.processes.procs
+        pin_process(procs["expert", 0].pid, EXPERT_CPU)
+        if attention_processes:
+            pin_process(procs["attention", 0].pid, ATTENTION_CPU)
+        pids = (procs["attention", 0].pid if attention_processes else os.getpid(), procs["expert", 0].pid)
         engine = Engine(model, cfg, plan=plan, runner=runner)
         wall = {m: 0.0 for m in ms}
         cpu = {m: [0.0, 0.0] for m in ms}
@@ -133,18 +132,6 @@ def main():
                         help="MSJAX_M2N_POLL_US for both processes: how long an M2N wait polls before it sleeps. "
                              "Each node owns its core here (as a GPU's proxy thread polls), and a sleeping vCPU "
                              "can take hundreds of µs to wake; 200 is the library's default")
-    parser.add_argument("--whole-step-profile", action="store_true",
-                        help="profile T_a, T_e with one program over every layer (as the nodes run a step) "
-                             "instead of one call per layer")
-    parser.add_argument("--expert-program-profile", action="store_true",
-                        help="profile T_e with the expert node's own step program (m2n calls included, the "
-                             "attention node replaced by a loopback: measure_expert_program) at each m's "
-                             "micro-batch, instead of one expert call per layer")
-    parser.add_argument("--program-profiles", action="store_true",
-                        help="profile both nodes with their own step programs over a loopback "
-                             "(measure_attention_program, measure_expert_program) at each m's micro-batch: T_a "
-                             "per (layer, micro-batch) = (the attention step - m x T_o) / (layers x m), T_c = 0 "
-                             "(the M2N copies run inside the programs)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs, each a fresh pair of processes timing every m in turn; the table gives their "
                              "median and each run")
@@ -165,21 +152,14 @@ def main():
         return compare_attention_processes(model, ms, sizes, args)
 
     def profile():
-        """T_a, T_e, T_c, T_o on one core (this process is pinned): one program call per layer, back to back, or
-        with --whole-step-profile one program over every layer; at the context and page-table width of the
-        timed steps (the XLA:CPU attention reads the whole table)."""
-        measured = measure_layer_times(model, sorted(set(sizes.values())),
-                                       timed_context(args.context, args.steps, len(ms)), chain=8,
-                                       whole_step=args.whole_step_profile, max_model_len=max_model_len)
-        points = [(b, {sizes[m]: m for m in ms}[b]) for b in measured["batch"]]  # (micro-batch, the m running it)
-        if args.expert_program_profile or args.program_profiles:
-            measured["expert_s"] = measure_expert_program(model, points)
-        if args.program_profiles:
-            steps = measure_attention_program(model, points, timed_context(args.context, args.steps, len(ms)),
-                                              max_model_len=max_model_len)
-            measured["attention_s"] = [(step - m * t_o) / (model_cfg.num_layers * m)
-                                       for step, (_, m), t_o in zip(steps, points, measured["step_fixed_s"])]
-            measured["transfer_s"] = [0.0] * len(points)
+        """T_a, T_e (per layer and micro-batch), T_o (per micro-batch) on one core (this process is pinned), from
+        each node's own layer programs over a loopback at each m's micro-batch with m micro-batches per step, at
+        the timed steps' context and page-table width (the XLA:CPU attention reads the whole table); T_c = 0
+        (the M2N copies run inside the programs)."""
+        order = sorted(ms, key=lambda m: sizes[m])
+        measured = measure_layer_times(model, [sizes[m] for m in order], timed_context(args.context, args.steps,
+                                                                                        len(ms)),
+                                       max_model_len=max_model_len, micro_batches=order)
         return interpolate(measured)
 
     # per run: (step s, attention busy, experts busy, T_host s, predicted s, drift)
@@ -223,16 +203,10 @@ def main():
 
     c = model_cfg
     t_a, t_e, t_c, t_o = profiles[0]
-    how_profiled = "one program over every layer" if args.whole_step_profile else "one call per layer"
-    if args.expert_program_profile:
-        how_profiled += ("; T_e from the expert node's own step program over a loopback, at each m's micro-batch "
-                         "with m micro-batches per layer")
-    if args.program_profiles:
-        how_profiled = ("T_a and T_e from each node's own step program over a loopback (measure_attention_program, "
-                        "measure_expert_program) at each m's micro-batch with m micro-batches per layer, T_a = "
-                        "(attention step - m x T_o) / (layers x m), T_c = 0: the M2N copies run inside the programs; "
-                        "T_o one call per micro-batch")
-    notes = (f"Attention node = the engine's process pinned to core {ATTENTION_CPU}; expert node = a worker process "
+    how_profiled = ("T_a and T_e from each node's own layer programs over a loopback at each m's micro-batch with m "
+                    "micro-batches per step, T_a by layer differencing (1 + 2 layers against 1), T_c = 0: the M2N "
+                    "copies run inside the programs")
+    notes = (f"Attention node = held by the engine's process, pinned to core {ATTENTION_CPU}; expert node = a node process "
              f"pinned to core {EXPERT_CPU}; plan transport shm (m2n custom calls inside the programs). Random MoE "
              f"of bench/pipeline.py: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-"
              f"{c.top_k}, expert FFN {c.expert_ffn_size}, float32; decode batch {args.batch}, context {args.context}; "
@@ -242,8 +216,8 @@ def main():
              f"(MSJAX_M2N_POLL_US={args.poll_us}: a wait polls that long before it sleeps, so with a long budget "
              f"busy is near 100% and says little). "
              f"XLA:CPU single-threaded in both processes (one core each). "
-             f"Each step is one program call per node (the whole layer loop inside, m2n calls chained in "
-             f"ping-pong order), each layer's weights given to it as their own arrays (split_layers). "
+             f"Each node runs one program per layer (every micro-batch inside, m2n calls chained in ping-pong "
+             f"order; msjax.runtime.layer_programs), each layer's weights given to it as their own arrays. "
              f"Each run profiled on one core right before and right after it ({how_profiled}, at the timed "
              f"steps' mean context {timed_context(args.context, args.steps, len(ms))} and page-table width); "
              f"the prediction is the mean of the two profiles' and the drift column how far the after-profile's "
@@ -260,9 +234,6 @@ def main():
              f"run's error). \"vs m=1\": medians; \"per run\": each run's m = 1 step over its step.")
     name = "pipeline-pinned" + ("" if args.expert_ffn == BALANCED.expert_ffn_size else f"-ffn{args.expert_ffn}")
     name += "" if args.layers == BALANCED.num_layers else f"-{args.layers}layers"
-    name += "-whole-step-profile" if args.whole_step_profile else ""
-    name += "-expert-program-profile" if args.expert_program_profile else ""
-    name += "-program-profiles" if args.program_profiles else ""
     path = write_results(name, rows, [("m", "m"), ("micro_batch", "micro-batch (padded)"),
                                                    ("step_ms", "decode step (ms)"), ("spread_ms", "runs (ms)"),
                                                    ("busy_attention", "attention busy"),

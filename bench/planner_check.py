@@ -31,12 +31,11 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--chain", type=int, default=8,
-                        help="profile calls dispatched back to back, as the host loop issues them (1: one sync per call)")
     args = parser.parse_args()
     model = MoEModel.random(BALANCED, seed=0)
     sizes = {m: decode_bucket(-(-args.batch // m), args.batch) for m in (1, 2, 3, 4)}
-    measured_layers = measure_layer_times(model, sorted(set(sizes.values())), args.context, chain=args.chain)
+    order = sorted(sizes, key=sizes.get)
+    measured_layers = measure_layer_times(model, [sizes[m] for m in order], args.context, micro_batches=order)
     t_a, t_e, t_c, t_o = fit(measured_layers)
     rows = []
     for m, b in sizes.items():

@@ -10,7 +10,7 @@ from msjax.engine.engine import Engine, RequestDelta
 from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
 from msjax.errors import CheckpointError, ConfigError, ModelTooLargeError, UnknownArchitectureError
 from msjax.llm import LLM, RequestOutput
-from msjax.models import load as load_model
+from msjax.loading import load as load_model
 from msjax.planner import plan
 
 __all__ = ["LLM", "CheckpointError", "ConfigError", "DeploymentPlan", "Engine", "EngineConfig", "InvalidRequestError", "ModelConfig",

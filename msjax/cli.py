@@ -13,8 +13,6 @@ import os
 import sys
 import time
 
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
-
 
 class ProgressBar:
     """A one-line progress bar on stderr for weight loading (one final line when stderr is not a terminal)."""
@@ -48,12 +46,13 @@ def _generate(args: argparse.Namespace) -> int:
                                     progress=ProgressBar("loading weights"))
     timeline = None
     if args.trace:
-        if not hasattr(engine.runner, "timeline"):
-            print("error: --trace needs a disaggregated --plan (the timeline is per attention/expert node)",
-                  file=sys.stderr)
-            return 2
         from msjax.runtime.timeline import Timeline
-        timeline = engine.runner.timeline = Timeline()
+        timeline = Timeline()
+        try:
+            engine.runner.attach_timeline(timeline)
+        except ValueError as err:
+            print(f"error: --trace: {err}", file=sys.stderr)
+            return 2
     prompt = args.prompt
     if engine.tokenizer is None:
         try:
@@ -161,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile the decode shapes before accepting requests (slower start, faster first requests)")
     srv.set_defaults(run=_serve)
     # parsed by msjax.launch itself (main() hands it the rest of the command line)
-    sub.add_parser("launch", add_help=False, help="generate over a multi-process deployment (plan transport shm or "
-                   "tcp): expert nodes as processes, packets through the native M2N library")
+    sub.add_parser("launch", add_help=False, help="generate over a multi-process deployment (plan transport shm, "
+                   "tcp or rdma): nodes as processes, packets through the native M2N library")
     from msjax.planner.cli import add_parser as add_plan_parser
     from msjax.planner.profile_cli import add_parser as add_profile_parser
     add_plan_parser(sub)
@@ -172,10 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Eight host devices so plans run on a CPU-only machine; read when JAX starts its backend (not at import),
-    # and harmless where accelerators exist.
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}".strip()
+    from msjax.runtime.host_devices import ensure_host_devices
+    ensure_host_devices()  # eight host devices: plans run on a CPU-only machine
     if argv[:1] == ["launch"]:
         from msjax import launch
         return launch.main(argv[1:])

@@ -1,7 +1,7 @@
 """`msjax launch`: generation over a multi-process deployment on this host — every expert node is its own
 process, and so is every attention node with --attention-processes (or the plan's `attention_processes = true`;
-otherwise the engine's process runs them); packets move through the native M2N library (plan transport "shm"
-or "tcp").
+otherwise the engine's process holds them); packets move through the native M2N library (plan transport "shm",
+"tcp" or "rdma"). Each node process reads its own weights from the checkpoint.
 
     python -m msjax.launch --plan plan.toml --model tiny-moe --prompt "Beautiful is" --max-tokens 16
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msjax launch", description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", required=True, help="deployment plan TOML ([plan] table); transport shm or tcp")
     p.add_argument("--model", default="tiny-moe", help="HF checkpoint directory or preset name (default tiny-moe)")
-    p.add_argument("--transport", choices=["shm", "tcp"], help="override the plan's transport")
+    p.add_argument("--transport", choices=["shm", "tcp", "rdma"], help="override the plan's transport")
     p.add_argument("--attention-processes", action="store_true",
                    help="run every attention node as a process too (the engine's process then only schedules)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); text needs a tokenizer")
@@ -42,12 +42,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax.numpy as jnp
 
+    from msjax.comm.transports import is_in_process
     from msjax.config import DeploymentPlan, EngineConfig
     from msjax.engine.engine import Engine, generation_eos
     from msjax.engine.sampling_params import SamplingParams
     from msjax.errors import ConfigError
-    from msjax.models import load, resolve_model_path
-    from msjax.runtime.multiprocess import MultiProcessRunner
+    from msjax.loading import load, resolve_model_path
+    from msjax.runtime.runner import make_runner
     from msjax.tokenizer import load_tokenizer
 
     try:
@@ -56,9 +57,9 @@ def main(argv=None) -> int:
             plan = dataclasses.replace(plan, transport=args.transport)
         if args.attention_processes:
             plan = dataclasses.replace(plan, attention_processes=True)
-        if plan.transport not in ("shm", "tcp"):
-            raise ConfigError("transport", f"msjax launch runs expert nodes as processes: the plan needs transport "
-                              f"'shm' or 'tcp', got {plan.transport!r} (or pass --transport)")
+        if plan.is_colocated or is_in_process(plan.transport):
+            raise ConfigError("transport", f"msjax launch runs nodes as processes: the plan needs transport "
+                              f"'shm', 'tcp' or 'rdma', got {plan.transport!r} (or pass --transport)")
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -68,12 +69,14 @@ def main(argv=None) -> int:
         return 2
     config = EngineConfig(page_size=args.page_size, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype)
-    if plan.max_batch is not None:  # as the Engine does, so the runner sizes its buffers for the same batches
-        config = dataclasses.replace(config, max_num_seqs=-(-plan.max_batch // plan.attention_nodes))
     path = resolve_model_path(args.model)
     model = load(args.model, dtype=jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
     start = time.perf_counter()
-    runner = MultiProcessRunner(model, config, plan, checkpoint=path, timeout_s=args.timeout)
+    try:
+        runner = make_runner(model, config, plan, checkpoint=path, timeout_s=args.timeout)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     started = time.perf_counter() - start
     try:
         engine = Engine(model, config, plan=plan, tokenizer=load_tokenizer(path), eos_token_ids=generation_eos(path),

@@ -68,7 +68,7 @@ class EngineLoop:
         self._queued: deque[Submission] = deque()
         self._active: dict[str, Submission] = {}
         self._last_expert_read = time.monotonic()
-        self._has_expert_load = hasattr(engine.runner, "read_expert_load")  # engine.collect_expert_load reads it
+        self._has_expert_load = not engine.plan.is_colocated  # engine.collect_expert_load reads the nodes
         self._thread = threading.Thread(target=self._run, name="msjax-engine-loop", daemon=True)
 
     # --- any thread ---
@@ -261,29 +261,39 @@ class EngineLoop:
 
     def warmup(self) -> None:
         """Compile the step shapes before serving: decode at each batch size the engine pads to
-        (`decode_buckets`), and prefill at each power-of-two token budget up to max_num_batched_tokens."""
+        (`decode_buckets`), and prefill at each power-of-two token budget up to max_num_batched_tokens, split
+        into each number of micro-batches up to the plan's m (an attention node compiles its programs for all
+        micro-batches of a step together, padded to one shape); each without and with logprobs."""
         cfg = self.engine.config
-        greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        replicas = len(self.engine.replicas)
 
         def run(prompts):
-            for i, prompt in enumerate(prompts):
-                self.engine.add_request(f"warmup-{i}", prompt, greedy)
-            while self.engine.has_unfinished():
-                self.engine.step()
+            # without and with logprobs: a step that asks for them compiles its own head program
+            for logprobs in (None, 1):
+                sampling = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=logprobs)
+                for i, prompt in enumerate(prompts):
+                    self.engine.add_request(f"warmup-{i}", prompt, sampling)
+                while self.engine.has_unfinished():
+                    self.engine.step()
 
         for n in decode_buckets(cfg.max_num_seqs):  # decode buckets (and the smallest prefill bucket)
             run([[2 + i % 8] * 4 for i in range(n)])
         # a ramp, as under load: one request arrives per step, then they leave one per step (the expert nodes see
         # the tokens of all attention replicas, so their shapes follow the mix, not one replica's bucket)
-        ramp = cfg.max_num_seqs * len(self.engine.replicas)
+        ramp = cfg.max_num_seqs * replicas
         for i in range(ramp):
             self.engine.add_request(f"warmup-ramp-{i}", [2 + i % 8] * 4,
                                     SamplingParams(max_tokens=ramp, temperature=0, ignore_eos=True))
             self.engine.step()
         while self.engine.has_unfinished():
             self.engine.step()
-        length = 32
-        while length <= min(cfg.max_num_batched_tokens, self.engine.max_model_len - 4):  # prefill buckets
-            run([[2 + i % 8 for i in range(length)]] * len(self.engine.replicas))  # one on each replica
-            length *= 2
+        short = [3] * 4
+        bucket = 16
+        while bucket <= min(cfg.max_num_batched_tokens, self.engine.max_model_len - 4):  # prefill buckets
+            long = [2 + i % 8 for i in range(bucket // 2 + 1)]  # a chunk that pads to `bucket`
+            for k in range(1, min(self.engine.micro_batches, cfg.max_num_seqs) + 1):
+                if len(long) + len(short) * (k - 1) <= cfg.max_num_batched_tokens:  # all k chunks in one step
+                    # each replica (the fewest waiting gets the next request): one long, k - 1 short prompts
+                    run([long] * replicas + [short] * (replicas * (k - 1)))
+            bucket *= 2
         self._flush_expert_load()

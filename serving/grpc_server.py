@@ -38,6 +38,11 @@ def _delta_to_proto(delta, request_id: str, prompt_tokens: int, total_output: in
     return out
 
 
+def _plan_toml(plan) -> str:
+    """ModelInfo.plan: the deployment plan as TOML, "" for the one-device colocated default (decode.proto)."""
+    return "" if plan.is_colocated and plan.num_devices == 1 else plan.to_toml()
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, frontend: Frontend):
         self.fe = frontend
@@ -111,7 +116,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             max_model_len=engine.max_model_len, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
             experts_per_token=cfg.top_k, has_tokenizer=engine.tokenizer is not None,
             eos_token_ids=list(engine.eos_token_ids), max_prompt_tokens=self.fe.max_prompt_tokens,
-            max_tokens_cap=self.fe.max_tokens_cap, plan=engine.plan.to_toml() if engine.plan else "",
+            max_tokens_cap=self.fe.max_tokens_cap, plan=_plan_toml(engine.plan),
             num_kv_pages=engine.num_total_pages(), page_size=engine.config.page_size)
 
 

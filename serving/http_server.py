@@ -3,9 +3,7 @@ when `stream` is true), /v1/models, /health and /metrics.
 
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}; `param` names the field at fault.
 
-Chat prompts use the `chat_template` of the model's tokenizer_config.json (Jinja, as transformers renders it).
-A model without one gets the plain fallback: the messages' contents, each followed by a newline, in order (roles
-are not spelled out), so the model continues the conversation as plain text.
+Chat prompts come from the model's chat template (`serving.chat`).
 """
 
 from __future__ import annotations
@@ -16,11 +14,11 @@ import hmac
 import json
 import logging
 import time
-from pathlib import Path
 
 from aiohttp import web
 
 from msjax.engine.sampling_params import InvalidRequestError
+from serving.chat import ChatTemplate
 from serving.engine_loop import EngineFailure, Overloaded, Unavailable
 from serving.frontend import Frontend
 
@@ -49,31 +47,12 @@ def _invalid(err: InvalidRequestError) -> HttpError:
     return HttpError(400, str(err), err.field, code="invalid_value")
 
 
-def load_chat_template(model_path) -> str | None:
-    """The Jinja chat template of a checkpoint's tokenizer_config.json, if it has one."""
-    if model_path is None:
-        return None
-    file = Path(model_path) / "tokenizer_config.json"
-    if not file.exists():
-        return None
-    template = json.loads(file.read_text()).get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template or None
-
-
 class HttpApi:
     def __init__(self, frontend: Frontend, model_path=None):
         self.fe = frontend
         self.name = frontend.config.name
         self.created = int(time.time())
-        self.chat_template = load_chat_template(model_path)
-        self._template = None
-        self._special = {}
-        if model_path is not None and (Path(model_path) / "tokenizer_config.json").exists():
-            cfg = json.loads((Path(model_path) / "tokenizer_config.json").read_text())
-            self._special = {k: v if isinstance(v, str) else (v or {}).get("content", "")
-                             for k, v in cfg.items() if k in ("bos_token", "eos_token")}
+        self.chat = ChatTemplate(model_path)
         self.app = web.Application(middlewares=[self._errors])
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -255,34 +234,10 @@ class HttpApi:
     # --- /v1/chat/completions ---
 
     def _chat_prompt(self, messages, add_generation_prompt: bool) -> str:
-        if not isinstance(messages, list) or not messages:
-            raise HttpError(400, "messages: must be a non-empty list of {role, content} objects", "messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-                raise HttpError(400, f"messages[{i}].role: must be system, user, assistant, developer or tool",
-                                f"messages[{i}].role")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}]
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise HttpError(400, f"messages[{i}].content: only text parts are supported",
-                                    f"messages[{i}].content")
-                m = {**m, "content": "".join(p["text"] for p in content)}
-                messages[i] = m
-            elif not isinstance(content, str):
-                raise HttpError(400, f"messages[{i}].content: must be a string", f"messages[{i}].content")
-        if self.chat_template is None:
-            return "".join(m["content"] + "\n" for m in messages)
-        if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise HttpError(400, f"messages: {message}", "messages")
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self._special)
+        try:
+            return self.chat.render(messages, add_generation_prompt)
+        except InvalidRequestError as err:
+            raise HttpError(400, str(err), err.field) from None
 
     def _chat_logprobs(self, pairs, top: int) -> dict:
         def entry(token, logprob):

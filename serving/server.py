@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 import threading
 
@@ -21,20 +20,14 @@ from serving.config import ServeConfig
 log = logging.getLogger("msjax.serving")
 
 
-def _ensure_host_devices() -> None:
-    """Eight host devices for the default plan on a CPU machine; only effective before JAX starts its backend."""
-    from msjax.cli import HOST_DEVICES_FLAG
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}".strip()
-
-
 class Server:
     """A running server: `grpc_address` ("host:port"), `http_address` ("http://host:port", None when off),
     `engine`, `metrics`; `stop()`, `wait()`; a context manager that stops on exit."""
 
     def __init__(self, config: ServeConfig, engine=None, progress=None):
         from msjax.engine.engine import Engine
-        from msjax.models import resolve_model_path
+        from msjax.loading import resolve_model_path
+        from msjax.runtime.host_devices import ensure_host_devices
         from serving.engine_loop import EngineLoop
         from serving.frontend import Frontend
         from serving.metrics import Metrics
@@ -42,7 +35,7 @@ class Server:
         self.config = config
         self._owns_engine = engine is None  # stop() then releases what it holds (node processes of the plan)
         if engine is None:
-            _ensure_host_devices()
+            ensure_host_devices()  # eight host devices for the default plan on a CPU machine
             engine = Engine.from_pretrained(config.model, plan=config.resolved_plan(), progress=progress,
                                             **config.engine)
             model_path = resolve_model_path(config.model)

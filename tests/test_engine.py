@@ -7,7 +7,7 @@ import pytest
 import msjax
 from msjax import SamplingParams
 from msjax.engine.engine import Engine
-from msjax.runtime.model_runner import ModelRunner
+from msjax.runtime.colocated import ColocatedRunner
 from tests.model_utils import run_requests
 
 CACHE = dict(page_size=8, num_pages=48, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
@@ -48,10 +48,10 @@ def test_continuous_batching_is_exact(zen_ids):
     alone = run_requests(alone_engine, requests)
     # together: a cache far too small for 50 requests, a budget that chunks long prompts
     engine = Engine.from_pretrained("tiny-moe", **CACHE)
-    compiled = ModelRunner.num_compiled()
+    compiled = ColocatedRunner.num_compiled()
     together = run_requests(engine, requests)
     # fixed bucket shapes: decode batches of 1, 2, 4, 8 and prefill steps of 16, 32, 64 tokens, nothing more
-    assert ModelRunner.num_compiled() - compiled <= 7
+    assert ColocatedRunner.num_compiled() - compiled <= 7
     assert engine.stats.num_preemptions > 0 and engine.stats.num_partial_prefill_chunks > 0
     assert engine.num_free_pages() == CACHE["num_pages"]  # every page came back
     differing = 0

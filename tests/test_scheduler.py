@@ -8,28 +8,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msjax.config import EngineConfig
+from msjax.config import DeploymentPlan, EngineConfig
 from msjax.engine.engine import Engine
 from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
 from msjax.engine.sequence import Status
 from msjax.errors import ConfigError
 from msjax.kv_cache import PageAllocator
+from msjax.runtime.runner import NoDeviceRunner
 from msjax.runtime.sampler import Sampled
 from tests.model_utils import tiny_config
 
 VOCAB = 61
 
 
-class FakeRunner:
+class FakeRunner(NoDeviceRunner):
     """Samples token (position of the sequence's last token * 7) % vocab: deterministic, batch-independent."""
 
     def __init__(self):
         self.batches = []
 
-    def run(self, batches):
-        return [[self._one(b) for b in node] for node in batches]
-
-    def _one(self, batch):
+    def sample(self, batch):
         self.batches.append(batch)
         last_positions = batch.positions[batch.logit_rows]
         tokens = ((last_positions + 1) * 7 % VOCAB).astype(np.int32)
@@ -241,17 +239,15 @@ def test_metrics_reads_do_not_take_the_balancers_load():
     """The serving loop reads the expert load for its metrics between steps; `rebalance` must still place for
     every token routed since the previous rebalance."""
     class CountingRunner(FakeRunner):
-        expert_meshes = [None, None]
-
         def __init__(self):
             super().__init__()
             self.routed, self.placed = np.zeros(4, np.int64), None
 
-        def run(self, batches):
+        def step(self, batches):
             self.routed += np.array([8, 1, 1, 0]) * sum(len(b.positions) for node in batches for b in node)
-            return super().run(batches)
+            return super().step(batches)
 
-        def read_expert_load(self):
+        def expert_load(self):
             load, self.routed = self.routed, np.zeros(4, np.int64)
             return load
 
@@ -261,7 +257,8 @@ def test_metrics_reads_do_not_take_the_balancers_load():
     model = types.SimpleNamespace(cfg=tiny_config(vocab_size=VOCAB, max_position_embeddings=64))
     runner = CountingRunner()
     engine = Engine(model, EngineConfig(page_size=4, num_pages=16, max_num_seqs=4, max_num_batched_tokens=8,
-                                        max_model_len=40), runner=runner, eos_token_ids=())
+                                        max_model_len=40), plan=DeploymentPlan(1, 1, 2, 1, 1), runner=runner,
+                    eos_token_ids=())
     engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4))
     seen = np.zeros(4, np.int64)
     while engine.has_unfinished():

@@ -31,7 +31,7 @@ PROMPT = "Beautiful is better than"
 def server():
     config = msjax.ServeConfig(plan=PLAN, grpc_port=0, http_port=0, max_concurrent_requests=MAX_CONCURRENT,
                                max_queue=MAX_QUEUE, max_prompt_tokens=200, max_tokens_cap=220, engine=ENGINE,
-                               drain_timeout_s=60)
+                               drain_timeout_s=60, warmup=True)  # compiles the step shapes, as a server would
     srv = msjax.serve(config)
     yield srv
     srv.stop()
@@ -343,7 +343,7 @@ def test_http_other_errors(server):
 
 def test_engine_failure_fails_only_that_request(server, stub, monkeypatch):
     runner = server.engine.runner
-    real_run = runner.run
+    real_run = runner.step
     failed = threading.Event()
 
     def run_once_broken(batches):
@@ -352,7 +352,7 @@ def test_engine_failure_fails_only_that_request(server, stub, monkeypatch):
             raise RuntimeError("injected device failure")
         return real_run(batches)
 
-    monkeypatch.setattr(runner, "run", run_once_broken)
+    monkeypatch.setattr(runner, "step", run_once_broken)
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(decode_pb2.GenerateRequest(prompt=PROMPT, max_tokens=5), timeout=60))
     assert err.value.code() == grpc.StatusCode.INTERNAL and "injected device failure" in err.value.details()
@@ -437,7 +437,9 @@ def _grpc_run(stub, prompt, sp, cancel_after):
 def test_soak(server, stub):
     from tests.test_tiny_moe import ZEN
     zen = server.engine.tokenizer.encode(ZEN).ids
-    warm = _soak_requests(48, 1, zen)
+    # as many requests as the soak: the server's allocator and thread pools grow to their working size (RSS
+    # levels off: +4% over a second run of 200, +2% then +1% over the next ones, 2026-12-06)
+    warm = _soak_requests(200, 1, zen)
     soak = _soak_requests(200, 2, zen)
 
     def drive(requests, seed):
@@ -447,7 +449,7 @@ def test_soak(server, stub):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             return list(pool.map(lambda job: _grpc_run(stub, *job), jobs))
 
-    drive(warm, 1)  # compiles every step shape the soak uses
+    drive(warm, 1)  # the server's warm-up compiled the step shapes; this brings its memory to working size
     poll(lambda: _all_pages_free(server), what="pages after warm-up")
     rss_warm = _rss_bytes()
     results = drive(soak, 2)

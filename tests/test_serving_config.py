@@ -200,7 +200,7 @@ def test_chat_template_from_tokenizer_config(tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text",
                                                                                           "text": "Hi"}]}]
     assert api._chat_prompt(messages, True) == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>"
-    assert HttpApi(frontend, None).chat_template is None
+    assert HttpApi(frontend, None).chat.source is None
     assert HttpApi(frontend, None)._chat_prompt([{"role": "user", "content": "a"},
                                                  {"role": "assistant", "content": "b"}], True) == "a\nb\n"
     with pytest.raises(HttpError) as err:

@@ -3,12 +3,14 @@ programs small while the batch composition changes every step."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from msjax.engine.sampling_params import MAX_LOGPROBS
+from msjax.config import MAX_LOGPROBS
 from msjax.engine.scheduler import StepPlan
+from msjax.runtime.step_inputs import StepBatch
+
+__all__ = ["StepBatch", "batch_shape", "bucket", "build_batch", "build_micro_batches", "decode_bucket",
+           "decode_buckets"]
 
 
 def bucket(n: int, cap: int, smallest: int = 1) -> int:
@@ -32,28 +34,36 @@ def decode_buckets(cap: int) -> list[int]:
     return sorted({decode_bucket(n, cap) for n in range(1, cap + 1)})
 
 
-@dataclasses.dataclass(frozen=True)
-class StepBatch:
-    decode: bool
-    num_logprobs: int  # 0 or MAX_LOGPROBS: whether the step computes top logprobs at all
-    tokens: np.ndarray  # [tokens] int32
-    positions: np.ndarray  # [tokens] int32, -1 for padding
-    seq_ids: np.ndarray  # [tokens] int32: row of page_table and of the per-sequence arrays below
-    page_table: np.ndarray  # [seqs, max_pages_per_seq] int32
-    logit_rows: np.ndarray  # [seqs] int32: token row whose logits sample each sequence
-    temperature: np.ndarray  # [seqs] float32
-    top_p: np.ndarray  # [seqs] float32
-    top_k: np.ndarray  # [seqs] int32
-    seeds: np.ndarray  # [seqs] uint32
-    steps: np.ndarray  # [seqs] int32: index of the token being sampled in the sequence's output
-
-
-def build_batch(plan: StepPlan, *, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_seq: int
-                ) -> StepBatch:
+def batch_shape(plan: StepPlan, *, max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, int, int]:
+    """(sequences, tokens, num_logprobs) the arrays of `plan` are padded to."""
     chunks = plan.chunks
     seqs = decode_bucket(len(chunks), max_num_seqs) if plan.decode else max_num_seqs
     total = sum(c.num_tokens for c in chunks)
     num_tokens = seqs if plan.decode else bucket(total, max_num_batched_tokens, smallest=16)
+    wants_logprobs = any(c.seq.sampling.logprobs is not None for c in chunks)
+    return seqs, num_tokens, MAX_LOGPROBS if wants_logprobs else 0
+
+
+def build_micro_batches(decode: bool, parts: list[list], *, max_num_seqs: int, max_num_batched_tokens: int,
+                        max_pages_per_seq: int) -> list[StepBatch]:
+    """The micro-batches of one step (`parts`: each its chunks), all padded to the largest shape among them.
+    An attention node runs every micro-batch of a step in one program per layer, compiled per combination of
+    their shapes: with one shared shape the combinations are the single buckets, not their m-fold products
+    (which a server would meet, and compile, one after another while serving)."""
+    plans = [StepPlan(decode, part) for part in parts]
+    shapes = [batch_shape(p, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+              for p in plans]
+    shape = tuple(max(dim) for dim in zip(*shapes))
+    return [build_batch(p, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        max_pages_per_seq=max_pages_per_seq, shape=shape) for p in plans]
+
+
+def build_batch(plan: StepPlan, *, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_seq: int,
+                shape: tuple[int, int, int] | None = None) -> StepBatch:
+    """`plan` as fixed-shape arrays, padded to its own `batch_shape` or to `shape` (at least as large)."""
+    chunks = plan.chunks
+    seqs, num_tokens, num_logprobs = shape or batch_shape(plan, max_num_seqs=max_num_seqs,
+                                                          max_num_batched_tokens=max_num_batched_tokens)
     tokens = np.zeros(num_tokens, np.int32)
     positions = np.full(num_tokens, -1, np.int32)
     seq_ids = np.zeros(num_tokens, np.int32)
@@ -76,6 +86,5 @@ def build_batch(plan: StepPlan, *, max_num_seqs: int, max_num_batched_tokens: in
         temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
         seeds[i], steps[i] = seq.seed, len(seq.output_ids)
         row += n
-    wants_logprobs = any(c.seq.sampling.logprobs is not None for c in chunks)
-    return StepBatch(plan.decode, MAX_LOGPROBS if wants_logprobs else 0, tokens, positions, seq_ids, page_table,
+    return StepBatch(plan.decode, num_logprobs, tokens, positions, seq_ids, page_table,
                      logit_rows, temperature, top_p, top_k, seeds, steps)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from msjax.config import DeploymentPlan, EngineConfig
-from msjax.engine.batch import build_batch
+from msjax.engine.batch import build_micro_batches
 from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
-from msjax.engine.scheduler import Chunk, Scheduler, SchedulerStats, StepPlan
+from msjax.engine.scheduler import Chunk, Scheduler, SchedulerStats
 from msjax.engine.sequence import Sequence, Status
 from msjax.kv_cache import PageAllocator
 
@@ -73,39 +73,29 @@ def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
 
 class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), *, plan: DeploymentPlan | None = None,
-                 tokenizer=None, eos_token_ids: tuple[int, ...] | None = None, runner=None, devices=None):
+                 tokenizer=None, eos_token_ids: tuple[int, ...] | None = None, runner=None, devices=None,
+                 checkpoint: str | os.PathLike | None = None):
         """`model` is an `MoEModel`. Without a plan (or with a colocated one) the model runs as one program;
-        a disaggregated plan runs attention and experts on separate device groups (`devices`, default all).
-        `runner` replaces the device side (tests use fakes)."""
-        if hasattr(model, "with_kernels"):
-            model = model.with_kernels(config.kernels)
+        a disaggregated plan runs attention and experts as nodes on separate device groups (`devices`, default
+        all) or in node processes (which read their weights from `checkpoint` when given). `runner` replaces
+        the device side (a `msjax.runtime.Runner` built for the same plan; tests use fakes)."""
+        from msjax.runtime.deployment import engine_limits
+        if runner is None:
+            from msjax.runtime.runner import make_runner
+            runner = make_runner(model, config, plan, devices, checkpoint=checkpoint)
+        self.runner = runner
+        self.plan = plan = plan or DeploymentPlan.colocated(1, micro_batches=1)
+        self.config = config = engine_limits(config, plan)  # the plan's max_batch split over its attention nodes
         self.model_config = model.cfg
-        self.plan = plan
-        disaggregated = plan is not None and not plan.is_colocated
-        num_replicas = plan.attention_nodes if disaggregated else 1
-        if plan is not None and plan.max_batch is not None:
-            config = dataclasses.replace(config, max_num_seqs=-(-plan.max_batch // num_replicas))
-        self.config = config
-        self.micro_batches = plan.micro_batches if plan is not None else 1
+        self.micro_batches = plan.micro_batches
         self.max_model_len = config.resolved_max_model_len(model.cfg)
         self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.replicas = []
-        for _ in range(num_replicas):
+        for _ in range(plan.num_replicas):
             allocator = PageAllocator(config.num_pages)
             self.replicas.append(Replica(allocator, Scheduler(config, allocator)))
-        if runner is None:
-            if disaggregated and plan.transport in ("shm", "tcp"):
-                from msjax.runtime.multiprocess import MultiProcessRunner
-                runner = MultiProcessRunner(model, config, plan, devices)
-            elif disaggregated:
-                from msjax.runtime.disaggregated import DisaggregatedRunner
-                runner = DisaggregatedRunner(model, config, plan, devices)
-            else:
-                from msjax.runtime.model_runner import ModelRunner
-                runner = ModelRunner(model, config, plan, devices)
-        self.runner = runner
         self._load_window: np.ndarray | None = None  # [num_experts] tokens since the last rebalance
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, _Detokenizer] = {}
@@ -119,19 +109,17 @@ class Engine:
         `progress(bytes_read, total_bytes)` follows the weight loading."""
         import jax.numpy as jnp
 
-        from msjax.models import load, resolve_model_path
+        from msjax.loading import load, resolve_model_path
         from msjax.tokenizer import load_tokenizer
         config = EngineConfig(**engine_options)
         path = resolve_model_path(model)
         loaded = load(model, dtype=jnp.float32 if config.dtype == "float32" else jnp.bfloat16, progress=progress)
         return cls(loaded, config, plan=plan, tokenizer=load_tokenizer(path), eos_token_ids=generation_eos(path),
-                   devices=devices)
+                   devices=devices, checkpoint=path)
 
     def close(self) -> None:
-        """Release what the runner holds (expert processes of a multi-process plan). Idempotent."""
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        """Release what the runner holds (the node processes of a multi-process plan). Idempotent."""
+        self.runner.close()
 
     def __enter__(self):
         return self
@@ -210,11 +198,11 @@ class Engine:
         if all(p is None for p in plans):
             return deltas
         parts = [split_micro_batches(p.chunks, self.micro_batches) if p else [] for p in plans]
-        batches = [[build_batch(StepPlan(p.decode, part), max_num_seqs=self.config.max_num_seqs,
-                                max_num_batched_tokens=self.config.max_num_batched_tokens,
-                                max_pages_per_seq=self.max_pages_per_seq) for part in node]
+        batches = [build_micro_batches(p.decode, node, max_num_seqs=self.config.max_num_seqs,
+                                       max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                       max_pages_per_seq=self.max_pages_per_seq) if p else []
                    for p, node in zip(plans, parts)]
-        sampled = self.runner.run(batches)
+        sampled = self.runner.step(batches)
         for node, node_sampled in zip(parts, sampled):
             for part, out in zip(node, node_sampled):
                 deltas += self._postprocess(part, out)
@@ -284,11 +272,11 @@ class Engine:
         replicas of hot experts, their tokens split by the balancer's shares. Runs between steps and moves
         expert weights only; requests in flight continue unchanged. Returns the `ExpertPlacement`."""
         from msjax.balance import place_experts
-        if not hasattr(self.runner, "set_placement"):
+        if self.plan.is_colocated:
             raise InvalidRequestError("plan", "rebalancing needs a disaggregated plan (expert nodes)")
         self.collect_expert_load()
         load, self._load_window = self._load_window, None
-        placement = place_experts(load, len(self.runner.expert_meshes), redundancy=redundancy, min_cost=min_cost)
+        placement = place_experts(load, self.plan.expert_nodes, redundancy=redundancy, min_cost=min_cost)
         self.runner.set_placement(placement.nodes, placement.shares)
         return placement
 
@@ -297,9 +285,10 @@ class Engine:
         None when the runner counts none. The engine is the runner's only reader (reading resets the runner's
         counter): what this returns also goes into the window the next `rebalance` places for, so a metrics
         exporter calling this does not take the balancer's load away."""
-        if not hasattr(self.runner, "read_expert_load"):
+        delta = self.runner.expert_load()
+        if delta is None:
             return None
-        delta = np.asarray(self.runner.read_expert_load())
+        delta = np.asarray(delta)
         self._load_window = delta.copy() if self._load_window is None else self._load_window + delta
         return delta
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from msjax.config import MAX_LOGPROBS
 from msjax.errors import ConfigError
 
-MAX_LOGPROBS = 20  # top-n logprobs per token, at most (vLLM's default max_logprobs)
+__all__ = ["MAX_LOGPROBS", "InvalidRequestError", "SamplingParams"]
 
 
 class InvalidRequestError(ConfigError):

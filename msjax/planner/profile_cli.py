@@ -3,7 +3,7 @@
 
     msjax profile --model mixtral-8x7b --batches 8,16,32,64 --context 1024 --layers 2 --gpu H100 --out prof.toml
 
-Each node is timed running its own step program (`AttentionStepProgram`, the expert worker's `StepPrograms`),
+Each node is timed running its own layer programs (`msjax.runtime.layer_programs`),
 the other node replaced by a loopback through shared memory: what a multi-process deployment runs, M2N copies
 included. The model is built with `--layers` layers of random weights (times do not depend on the values, and a
 few layers fit one device where the whole model may not). T_a per layer is the difference between the attention
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from msjax.errors import ConfigError
     from msjax.models.programs import MoEModel
     from msjax.planner.profile import parse_profile
-    from msjax.planner.profiler import measure_attention_program, measure_expert_program, profile_toml
+    from msjax.planner.profiler import measure_layer_times, profile_toml
     from msjax.planner.search import resolve_model
     sizes = _sizes(args.batches)
     if args.layers < 1:
@@ -44,19 +44,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--context must be at least 1, got {args.context}")
     cfg = resolve_model(args.model)
     dtype = jnp.dtype(args.dtype)
-    short = MoEModel.random(dataclasses.replace(cfg, num_layers=1), dtype=dtype)
     deep = MoEModel.random(dataclasses.replace(cfg, num_layers=1 + args.layers), dtype=dtype)
-    points = [(b, 1) for b in sizes]
-    once = measure_attention_program(short, points, args.context, repeats=args.repeats)
-    steps = measure_attention_program(deep, points, args.context, repeats=args.repeats)
-    measured = {"batch": sizes, "attention_s": [(s - o) / args.layers for s, o in zip(steps, once)],
-                "expert_s": measure_expert_program(deep, points, repeats=args.repeats)}
+    measured = measure_layer_times(deep, sizes, args.context, repeats=args.repeats, layers=args.layers)
     bad = [b for b, t in zip(sizes, measured["attention_s"]) if t <= 0]
     if bad:
         raise ValueError(f"the attention time per layer came out non-positive at batch {bad} (noise larger than "
                          "a layer): profile more layers (--layers) or more repeats (--repeats)")
     text = (f"# msjax profile --model {args.model}: {1 + args.layers} layers of random {args.dtype} weights, context "
-            f"{args.context}; time per layer and micro-batch, from each node's own step program\n"
+            f"{args.context}; time per layer and micro-batch, from each node's own layer programs\n"
             + profile_toml(measured, gpu=args.gpu))
     try:  # what `msjax plan --profile` will check: refuse to write a file it would reject
         parse_profile(tomllib.loads(text), source="the measured profile")
@@ -74,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "profile", help="measure T_a(b), T_e(b) of a model on this machine for `msjax plan --profile`",
-        description="Time each node's own step program (the other node replaced by a shared-memory loopback) at "
+        description="Time each node's own layer programs (the other node replaced by a shared-memory loopback) at "
                     "several decode micro-batch sizes and write the points as a profile file.")
     parser.add_argument("--model", required=True, help="preset name or HF checkpoint directory (only its config "
                         "is read: the weights are random)")

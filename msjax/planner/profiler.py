@@ -1,19 +1,21 @@
 """Profiler: measure T_a(b) and T_e(b) of the configured model on the local device with the real programs,
 and fit the performance model's coefficients (paper §4.2: "obtained through profiling and interpolation").
 
-T_a(b): one layer of one attention node for a decode micro-batch of b sequences at a given context: the combine
-of the previous layer's expert outputs, then the attention program (which ends with the dispatch packing).
-T_e(b): one layer of one expert node holding all experts, for the rows of that micro-batch (b x top-k).
-T_c(b): one direction of the transport (the packet to the expert node and its outputs back, halved).
-T_o(b): what a step does once, not per layer: embedding, LM head and sampling of b sequences.
-Each is timed on the device it would run on, synchronised per call, median over repeats; successive calls cycle
-through the model's layers, as a step does, so weights come from memory and not from a warm cache.
+Each node is timed running its own programs (`msjax.runtime.nodes`: one program per layer, the m2n sends and
+receives inside them) with its peer replaced by a loopback: the peer's messages for a whole step sent ahead into
+a shared-memory ring deep enough for all of them, what the node sends collected after (`_loopback_seconds`).
+
+T_a(b): one layer of one attention node for a decode micro-batch of b sequences at a given context (its receive
+and combine of the previous layer's expert outputs, attention, packing, sends), from the difference of a step
+with 1 + L layers and a step with 1 layer. T_e(b): one layer of one expert node holding all experts, for the
+rows of that micro-batch (b x top-k). T_o(b): what a step does once, not per layer (embedding, LM head,
+sampling). T_c(b): 0 — the copies into and out of the M2N rings run inside both nodes' programs, so the two
+times above hold them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import statistics
 import time
 from typing import Callable
@@ -23,139 +25,53 @@ import jax.numpy as jnp
 import numpy as np
 
 from msjax.config import DeploymentPlan, EngineConfig, ModelConfig
-from msjax.kv_cache import AttentionBatch, KVCache
-from msjax.models.layer_states import split_layers
 from msjax.models.modules import AttentionRole
 from msjax.models.programs import MoEModel
 from msjax.planner.profile import fit_linear
 
 
-def _median_seconds(fn, repeats: int, chain: int = 1) -> float:
-    """Median seconds per call. chain > 1 times `chain` calls dispatched back to back with one wait at the end:
-    the cost of a call inside the asynchronous host loop, where dispatch overlaps the previous call's work."""
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(chain - 1):
-            fn()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) / chain)
-    return statistics.median(times)
+def with_layers(model: MoEModel, num_layers: int) -> MoEModel:
+    """`model` with `num_layers` layers: layer i has the weights of the model's layer i mod L (embeddings and LM
+    head as they are). What profiling by layer differencing needs: the same layers, one or several of them."""
+    from flax import nnx
+
+    from msjax.models.modules import ExpertRole
+    cfg = dataclasses.replace(model.cfg, num_layers=num_layers)
+    index = np.arange(num_layers) % model.cfg.num_layers
+
+    def relayer(state, shared=()):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x if str(getattr(path[0], "key", path[0])) in shared else x[index], state)
+    attention = nnx.merge(nnx.split(nnx.eval_shape(lambda: AttentionRole(cfg, dtype=model.dtype, rngs=nnx.Rngs(0),
+                                                                           kernels=model.kernels)))[0],
+                          relayer(model.attention_state, AttentionRole.SHARED_PARAMS))
+    experts = nnx.merge(nnx.split(nnx.eval_shape(lambda: ExpertRole(cfg, dtype=model.dtype, rngs=nnx.Rngs(0),
+                                                                      kernels=model.kernels)))[0],
+                        relayer(model.expert_state))
+    return MoEModel.from_modules(attention, experts)
 
 
-def measure_layer_times(model: MoEModel, batches: list[int], context: int, repeats: int = 20,
-                        devices=None, chain: int = 1, whole_step: bool = False,
-                        max_model_len: int | None = None) -> dict[str, list[float]]:
-    """Seconds per layer of attention (with its combine) and of the expert node, for each decode batch.
-    `context`: the tokens each sequence holds; `max_model_len`: the engine's, which sets how wide its page
-    tables are (pages per sequence; default: room for `context`). Give both as the engine being modelled has
-    them: the XLA:CPU attention reads every page of the table, so there its cost follows max_model_len, while a
-    GPU kernel stops at each sequence's length.
-    chain > 1 measures calls dispatched back to back (see `_median_seconds`), as the host loop issues them.
-    whole_step=True times one program over every layer (chained, divided by the layer count), as the
-    multi-process runner and its expert workers run a step, instead of one program call per layer as the
-    in-process runner does: XLA compiles the two differently (on this project's CPU an expert layer cost up to
-    2x more inside a program that runs every layer)."""
-    from msjax.runtime.disaggregated import (DisaggregatedRunner, attention_step, combine_step, embed_step,
-                                             expert_step, head_step)
-    cfg = model.cfg
-    page_size = 16
-    max_model_len = max(max_model_len or 0, context + page_size)
-    per_seq = -(-max_model_len // page_size)  # the engine's page-table width
-    runner = DisaggregatedRunner(model, EngineConfig(page_size=page_size, num_pages=max(batches) * per_seq,
-                                                     max_model_len=max_model_len),
-                                 DeploymentPlan(1, 1, 1, 1, 1), devices)
-    put = runner.transport.send
-    amesh, emesh = runner.attention_meshes[0], runner.expert_meshes[0]
-    layers_a, layers_e = runner.attention_layers[0], runner.expert_layers[0]  # [layer] -> that layer's weights
-    out = {"batch": list(batches), "attention_s": [], "expert_s": [], "transfer_s": [], "step_fixed_s": []}
-    rng = np.random.default_rng(0)
-    layers = [(jnp.int32(layer), layers_a[layer], layers_e[layer]) for layer in range(cfg.num_layers)]
-    for b in batches:
-        table = np.arange(b * per_seq, dtype=np.int32).reshape(b, per_seq)
-        batch = put(AttentionBatch(jnp.full(b, context - 1, jnp.int32), jnp.arange(b, dtype=jnp.int32),
-                                   jnp.asarray(table)), amesh)
-        h = put(jnp.asarray(rng.standard_normal((b, cfg.hidden_size)), model.dtype), amesh)
-        layer = jnp.int32(0)
-        first = attention_step(runner.attention_def, layers_a[0], layer, h, jnp.zeros_like(h),
-                               batch, runner.kv[0], decode=True, routing=runner.routing)
-        runner.kv[0] = first[-1]
-        packets, orders, weights = first[1], first[2], first[4]
-        received = put(packets[0], emesh)
-        returned = put(expert_step(runner.expert_defs[0], layers_e[0], layer, (received,))[0], amesh)
-
-        # Each call moves on to the next layer, as a decode step does, so it reads that layer's weights from
-        # memory and not from a cache the previous call warmed: repeating one layer made an expert layer half as
-        # expensive as the same layers in a step on this project's CPU machine (its L3 holds one layer's
-        # experts, not four).
-        next_a, next_e = itertools.cycle(layers), itertools.cycle(layers)
-
-        def attention():
-            moe = combine_step((returned,), orders, weights)
-            index, weights_a, _ = next(next_a)
-            result = attention_step(runner.attention_def, weights_a, index, h, moe, batch,
-                                    runner.kv[0], decode=True, routing=runner.routing)
-            runner.kv[0] = result[-1]
-            return result[0]
-
-        if whole_step:
-            attention_s, expert_s = _whole_step_seconds(runner, layers_a, layers_e, h, batch, returned, orders,
-                                                        weights, received, repeats, chain)
-        else:
-            attention_s = _median_seconds(attention, repeats, chain)
-
-            def experts():
-                index, _, weights_e = next(next_e)
-                return expert_step(runner.expert_defs[0], weights_e, index, (received,))
-            expert_s = _median_seconds(experts, repeats, chain)
-        out["attention_s"].append(attention_s)
-        out["expert_s"].append(expert_s)
-        outputs = expert_step(runner.expert_defs[0], layers_e[0], layer, (received,))
-        out["transfer_s"].append(_median_seconds(
-            lambda: (put(packets[0], emesh), put(outputs[0], amesh)), repeats, chain) / 2)
-        tokens = put(jnp.zeros(b, jnp.int32), amesh)
-        zeros_f, zeros_i = put(jnp.zeros(b, jnp.float32), amesh), put(jnp.zeros(b, jnp.int32), amesh)
-
-        def fixed():
-            h0 = embed_step(runner.attention_def, layers_a[0], tokens)
-            return head_step(runner.attention_def, layers_a[0], h0, h0, jnp.arange(b), zeros_f,
-                             zeros_f + 1, zeros_i, zeros_i.astype(jnp.uint32), zeros_i, num_logprobs=0)
-
-        out["step_fixed_s"].append(_median_seconds(fixed, repeats, chain))
-    return out
-
-
-def _whole_step_seconds(runner, layers_a, layers_e, h, batch, returned, orders, weights, received, repeats: int,
-                        chain: int):
-    """(attention, expert) seconds per layer when one program runs every layer, each layer's input the previous
-    layer's output (as in a step): attention with its combine on the attention device, the experts on theirs."""
-    from msjax.runtime.disaggregated import attention_step, combine_step, expert_step
-    num_layers = runner.cfg.num_layers
-
-    def attention_layers(layers, h, kv):
-        for layer in range(num_layers):
-            moe = combine_step((returned,), orders, weights)
-            h, *_, kv = attention_step(runner.attention_def, layers[layer], layer, h, moe, batch, kv, decode=True,
-                                       routing=runner.routing)
-        return h, kv
-
-    def expert_layers(layers, packet):
-        rows = packet.rows  # [capacity, hidden]: each layer's output is the next layer's rows
-        for layer in range(num_layers):
-            rows = expert_step(runner.expert_defs[0], layers[layer], layer,
-                               (dataclasses.replace(packet, rows=rows),))[0]
-        return rows
-
-    attention_program = jax.jit(attention_layers, donate_argnums=2)
-    expert_program = jax.jit(expert_layers)
-
-    def attention():
-        out, runner.kv[0] = attention_program(layers_a, h, runner.kv[0])
-        return out
-
-    return (_median_seconds(attention, repeats, chain) / num_layers,
-            _median_seconds(lambda: expert_program(layers_e, received), repeats, chain) / num_layers)
+def measure_layer_times(model: MoEModel, batches: list[int], context: int, repeats: int = 10,
+                        max_model_len: int | None = None, layers: int = 2,
+                        micro_batches: list[int] | None = None) -> dict[str, list[float]]:
+    """Seconds per (layer, micro-batch) of an attention node and of an expert node, and per micro-batch of what a
+    step does once, for each decode micro-batch size of `batches` (with `micro_batches[i]` micro-batches of that
+    size per step: default one), from each node's own programs over a loopback. `context`: the tokens each
+    sequence holds; `max_model_len`: the engine's, which sets how wide its page tables are (pages per sequence;
+    default: room for `context`). Give both as the engine being modelled has them: the XLA:CPU attention reads
+    every page of the table, so there its cost follows max_model_len, while a GPU kernel stops at each
+    sequence's length. T_a comes from `layers` layers past the first (layer differencing cancels what a step
+    does once). -> {"batch", "attention_s", "expert_s", "transfer_s", "step_fixed_s"}."""
+    ms = list(micro_batches or [1] * len(batches))
+    points = list(zip(batches, ms))
+    once = measure_attention_program(with_layers(model, 1), points, context, max_model_len, repeats)
+    deep = with_layers(model, 1 + layers)
+    steps = measure_attention_program(deep, points, context, max_model_len, repeats)
+    attention = [(s - o) / (layers * m) for s, o, m in zip(steps, once, ms)]
+    return {"batch": list(batches), "attention_s": attention,
+            "expert_s": measure_expert_program(deep, points, repeats=repeats),
+            "transfer_s": [0.0] * len(batches),  # inside both nodes' programs
+            "step_fixed_s": [max(o / m - a, 0.0) for o, a, m in zip(once, attention, ms)]}
 
 
 # untimed calls of a loopback-profiled program: the first compiles, and the second may compile again (its
@@ -165,7 +81,7 @@ _WARM_CALLS = 2
 
 def _loopback_seconds(num_layers: int, m: int, inbound_bytes: int, outbound_bytes: int, message: np.ndarray,
                       make_step, repeats: int) -> float:
-    """Median seconds of one step of a node's step program with its peer replaced by a loopback through shared
+    """Median seconds of one step of a node's layer programs with its peer replaced by a loopback through shared
     memory. `make_step(rx, tx)` builds the program on the node's endpoints (rx: what the peer sends it, messages
     of up to `inbound_bytes`; tx: what it sends the peer, up to `outbound_bytes`) and returns a function that
     runs one step and waits for it. Before each step the peer's `message` for every (layer, micro-batch) goes
@@ -197,40 +113,50 @@ def _loopback_seconds(num_layers: int, m: int, inbound_bytes: int, outbound_byte
     return statistics.median(times)
 
 
+def _loopback_endpoints(rx, tx, role: str):
+    """A node's endpoints of a loopback profile: its receiver `rx`, its sender `tx`."""
+    from msjax.comm.endpoints import Endpoints
+    ep = Endpoints("shm", "profile", None, depth=1, timeout_s=rx.timeout_s, startup_timeout_s=0)
+    inbound, outbound = ("dispatch", "back") if role == "expert" else ("back", "dispatch")
+    ep.receivers[inbound], ep.senders[outbound] = rx, tx
+    return ep
+
+
+def _run_step(node, request) -> None:
+    """One step of `node` (a `msjax.runtime.nodes` node), waited for."""
+    steps = node.step(request)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        node.result(done.value)
+
+
 def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repeats: int = 10,
                            seed: int = 0) -> list[float]:
-    """T_e as the expert node of the multi-process runtime runs it: that node's own step program
-    (`expert_worker.StepPrograms`, m2n receives and sends included) for a step of m micro-batches of b
-    sequences, for each (b, m) of `points`, with the attention node replaced by a loopback (`_loopback_seconds`:
-    each step's packets, every layer and micro-batch, sent ahead; the outputs collected after it). One node
-    holding every expert, one attention node; rows routed uniformly over the experts. -> seconds per (layer,
-    micro-batch), median over `repeats` steps.
-
-    Per-call timing (`measure_layer_times`) runs one expert layer per program call; the node runs every layer
-    and micro-batch of a step in one program, which XLA compiles and schedules differently. This loopback is how
-    the layer-weight copies in that program were found (`msjax.models.layer_states`); since they are gone, the
-    two agree within a few percent for the expert node on this project's CPU."""
-    from msjax.runtime import multiprocess as mp
-    from msjax.runtime.expert_worker import StepPrograms
+    """T_e as an expert node runs it: the node's own layer programs (m2n receives and sends included) for a step
+    of m micro-batches of b sequences, for each (b, m) of `points`, with the attention node replaced by a
+    loopback (`_loopback_seconds`). One node holding every expert, one attention node; rows routed uniformly
+    over the experts. -> seconds per (layer, micro-batch), median over `repeats` steps."""
+    from msjax.comm.wire import pack_rows
+    from msjax.runtime import protocol as p
+    from msjax.runtime.nodes import ExpertNode
     cfg = model.cfg
     dtype = jnp.dtype(model.dtype)
-    graphdef, layers = model.expert_def, split_layers(model.expert_state, cfg.num_layers)
     rng = np.random.default_rng(seed)
+    every = tuple(range(cfg.num_experts))
     out = []
     for b, m in points:
         cap = b * cfg.top_k
         rows = jnp.asarray(rng.standard_normal((cap, cfg.hidden_size)), dtype)
         ids = jnp.asarray(rng.integers(0, cfg.num_experts, cap), jnp.int32)
-        packet = np.asarray(mp.pack_rows(rows, ids))  # uint8 [cap, row bytes]: every row valid
+        packet = np.asarray(pack_rows(rows, ids))  # uint8 [cap, row bytes]: every row valid
+        request = p.ExpertStep(0, (((0, cap),),) * m)
 
-        def make_step(rx, tx, cap=cap, m=m):
-            program = StepPrograms(cfg, graphdef, tuple(range(cfg.num_experts)), rx, tx, dtype)((((0, cap),),) * m)
-            token = [jnp.zeros((), jnp.int32)]
-
-            def step():
-                token[0] = program(layers, token[0])
-                token[0].block_until_ready()
-            return step
+        def make_step(rx, tx):
+            node = ExpertNode(0, cfg, every, jax.devices()[:1], _loopback_endpoints(rx, tx, "expert"), dtype,
+                              lambda experts, _file: model.expert_subset(experts))
+            return lambda: _run_step(node, request)
 
         seconds = _loopback_seconds(cfg.num_layers, m, packet.nbytes, cap * cfg.hidden_size * dtype.itemsize, packet,
                                     make_step, repeats)
@@ -240,68 +166,43 @@ def measure_expert_program(model: MoEModel, points: list[tuple[int, int]], repea
 
 def measure_attention_program(model: MoEModel, points: list[tuple[int, int]], context: int,
                               max_model_len: int | None = None, repeats: int = 10) -> list[float]:
-    """Seconds of one decode step of the attention node as the multi-process runtime runs it: the node's own
-    step program (`AttentionStepProgram`: embeddings, every layer's attention with its m2n sends and receives and
-    combines, LM heads, sampling) for m micro-batches of b sequences at `context`, for each (b, m) of `points`,
-    with the expert node replaced by a loopback (`_loopback_seconds`: every (layer, micro-batch)'s expert
-    outputs sent ahead, the packets collected after). One expert node holding every expert; `max_model_len`
-    sets the page-table width as in `measure_layer_times`. -> seconds per step, median over `repeats`.
-
-    Per-call timing pays the host's dispatch of two programs per layer (combine, attention), which on a node
-    whose host shares the core (as in `bench/pipeline_pinned.py`) lands on the step; the step program has one
-    dispatch per step. Predictions from this profile came within 10% of the pinned pipeline for m = 1..4 where
-    the per-call ones were 10-36% high."""
-    from msjax.comm.m2n import Routing
-    from msjax.engine.batch import StepBatch
-    from msjax.runtime import multiprocess as mp
+    """Seconds of one decode step of an attention node as it runs one: its own programs (embedding, every
+    layer's attention with its m2n sends and receives and combines, LM heads, sampling) for m micro-batches of
+    b sequences at `context`, for each (b, m) of `points`, with the expert node replaced by a loopback
+    (`_loopback_seconds`: every (layer, micro-batch)'s expert outputs sent ahead, the packets collected after).
+    One expert node holding every expert; `max_model_len` sets the page-table width as in
+    `measure_layer_times`. -> seconds per step, median over `repeats`."""
+    from msjax.comm.wire import row_bytes
+    from msjax.runtime import protocol as p
+    from msjax.runtime import step_inputs
+    from msjax.runtime.nodes import AttentionNode
     cfg = model.cfg
     dtype = jnp.dtype(model.dtype)
     page_size = 16
     per_seq = -(-max(max_model_len or 0, context + page_size) // page_size)  # the engine's page-table width
-    layers = split_layers(model.attention_state, cfg.num_layers, AttentionRole.SHARED_PARAMS)
-    routing = Routing.from_placement((tuple(range(cfg.num_experts)),), cfg.num_experts)
-    device = jax.devices()[0]
+    every = (tuple(range(cfg.num_experts)),)
     out = []
     for b, m in points:
         cap = b * cfg.top_k  # every row of the micro-batch goes to the one expert node
         outputs = np.zeros((cap, cfg.hidden_size), dtype)  # what the expert node would return
-        node = [StepBatch(decode=True, num_logprobs=0, tokens=np.zeros(b, np.int32),
-                          positions=np.full(b, context - 1, np.int32), seq_ids=np.arange(b, dtype=np.int32),
-                          page_table=np.arange(i * b * per_seq, (i + 1) * b * per_seq, dtype=np.int32)
-                          .reshape(b, per_seq), logit_rows=np.arange(b, dtype=np.int32),
-                          temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32),
-                          top_k=np.zeros(b, np.int32), seeds=np.zeros(b, np.uint32), steps=np.zeros(b, np.int32))
-                for i in range(m)]
+        batches = [step_inputs.StepBatch(
+            decode=True, num_logprobs=0, tokens=np.zeros(b, np.int32), positions=np.full(b, context - 1, np.int32),
+            seq_ids=np.arange(b, dtype=np.int32),
+            page_table=np.arange(i * b * per_seq, (i + 1) * b * per_seq, dtype=np.int32).reshape(b, per_seq),
+            logit_rows=np.arange(b, dtype=np.int32), temperature=np.zeros(b, np.float32),
+            top_p=np.ones(b, np.float32), top_k=np.zeros(b, np.int32), seeds=np.zeros(b, np.uint32),
+            steps=np.zeros(b, np.int32)) for i in range(m)]
+        request = p.AttentionStep(0, tuple(step_inputs.pack(x) for x in batches))
+        engine = EngineConfig(page_size=page_size, num_pages=m * b * per_seq, max_model_len=per_seq * page_size)
 
-        def make_step(rx, tx, node=node, b=b, m=m):
-            program = mp.AttentionStepProgram(cfg, tx, rx, dtype)
-            args = mp.step_args(node, device, routing)
-            carry = {"kv": KVCache.create(cfg, m * b * per_seq, page_size, dtype=model.dtype),
-                     "token": jnp.zeros((), jnp.int32), "load_total": jnp.zeros(cfg.num_experts, jnp.int32)}
+        def make_step(rx, tx, engine=engine, request=request):
+            node = AttentionNode(0, cfg, engine, model.attention_def, model.attention_state, jax.devices()[:1],
+                                 _loopback_endpoints(rx, tx, "attention"), every, dtype)
+            return lambda: _run_step(node, request)
 
-            def step():
-                sampled, carry["kv"], carry["token"], carry["load_total"] = program.jitted(
-                    model.attention_def, layers, **carry, **args)
-                jax.block_until_ready(sampled)
-            return step
-
-        out.append(_loopback_seconds(cfg.num_layers, m, outputs.nbytes, cap * mp.row_bytes(cfg.hidden_size, dtype),
+        out.append(_loopback_seconds(cfg.num_layers, m, outputs.nbytes, cap * row_bytes(cfg.hidden_size, dtype),
                                      outputs, make_step, repeats))
     return out
-
-
-class _NoDeviceRunner:
-    """Stands in for the device: returns sampled tokens of the right shapes at once, so timing `Engine.step`
-    with it measures only the engine's host work (scheduling, batch building, post-processing)."""
-
-    def run(self, batches):
-        from msjax.runtime.sampler import Sampled
-
-        def sampled(b):
-            n = len(b.logit_rows)
-            return Sampled(np.ones(n, np.int32), np.zeros(n, np.float32), np.zeros((n, b.num_logprobs), np.int32),
-                           np.zeros((n, b.num_logprobs), np.float32))
-        return [[sampled(b) for b in node] for node in batches]
 
 
 def time_decode_steps(engine, batch: int, context: int, steps: int, warm_decode_steps: int = 3,
@@ -396,11 +297,12 @@ def measure_host_seconds(model_cfg: ModelConfig, batch: int, context: int, m: in
     import types
 
     from msjax.engine.engine import Engine
+    from msjax.runtime.runner import NoDeviceRunner
     page_size = 16
     cfg = EngineConfig(page_size=page_size, num_pages=batch * (context // page_size + 2), max_num_seqs=batch,
                        max_num_batched_tokens=max(2048, context), max_model_len=context + steps + 2 * page_size)
     engine = Engine(types.SimpleNamespace(cfg=model_cfg), cfg, plan=DeploymentPlan(1, 1, 1, 1, m),
-                    runner=_NoDeviceRunner(), eos_token_ids=())
+                    runner=NoDeviceRunner(), eos_token_ids=())
     return time_decode_steps(engine, batch, context, steps, warm_decode_steps=2)
 
 
