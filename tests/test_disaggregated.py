@@ -96,6 +96,7 @@ def test_tiny_moe_reproduces_its_text_through_every_plan(plan_name):
     assert text == want
 
 
+@pytest.mark.slow  # the quick subset stays under 5 minutes
 def test_only_routed_rows_move_and_experts_stay_home():
     m = model("mixtral")
     plan = DeploymentPlan(attention_nodes=2, expert_nodes=4, micro_batches=2)

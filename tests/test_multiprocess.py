@@ -149,6 +149,7 @@ def test_tcp_two_expert_nodes_two_micro_batches():
     _check_generation(DeploymentPlan(1, 1, 2, 1, 2, transport="tcp"), check_hlo=True)
 
 
+@pytest.mark.slow  # the quick subset stays under 5 minutes
 def test_tensor_parallel_nodes_shm():
     """tp = 3 inside both nodes (two attention nodes here on three of the engine's devices each, the expert node
     a process with three): each node's program runs SPMD over its devices and sends one message per packet;
@@ -157,6 +158,7 @@ def test_tensor_parallel_nodes_shm():
     _check_generation(DeploymentPlan(2, 3, 1, 3, 2, transport="shm"))
 
 
+@pytest.mark.slow  # the quick subset stays under 5 minutes
 def test_attention_nodes_as_processes_shm():
     """Every node a process (two attention, two expert): the engine's process only schedules."""
     _check_generation(DeploymentPlan(2, 1, 2, 1, 2, transport="shm", attention_processes=True))

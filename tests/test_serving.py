@@ -7,6 +7,7 @@ module so the step programs compile once.
 """
 
 import concurrent.futures
+import dataclasses
 import gc
 import random
 import threading
@@ -31,9 +32,20 @@ PROMPT = "Beautiful is better than"
 def server():
     config = msjax.ServeConfig(plan=PLAN, grpc_port=0, http_port=0, max_concurrent_requests=MAX_CONCURRENT,
                                max_queue=MAX_QUEUE, max_prompt_tokens=200, max_tokens_cap=220, engine=ENGINE,
-                               drain_timeout_s=60, warmup=True)  # compiles the step shapes, as a server would
+                               drain_timeout_s=60)
     srv = msjax.serve(config)
     yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def warm_server(server):
+    """A second server like `server` that compiles the step shapes before serving (`warmup`, as a server
+    deployed for load would), and a stub to it; its own fixture so the quick subset does not pay for the
+    warm-up."""
+    srv = msjax.serve(dataclasses.replace(server.config, warmup=True))
+    with grpc.insecure_channel(srv.grpc_address) as channel:
+        yield srv, decode_pb2_grpc.DecodeStub(channel)
     srv.stop()
     assert not srv.loop._thread.is_alive() and not srv._aio_thread.is_alive()
 
@@ -434,7 +446,8 @@ def _grpc_run(stub, prompt, sp, cancel_after):
 
 
 @pytest.mark.slow
-def test_soak(server, stub):
+def test_soak(warm_server):
+    server, stub = warm_server
     from tests.test_tiny_moe import ZEN
     zen = server.engine.tokenizer.encode(ZEN).ids
     # as many requests as the soak: the server's allocator and thread pools grow to their working size (RSS
