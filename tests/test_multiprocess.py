@@ -145,6 +145,7 @@ def test_shm_one_expert_node_one_micro_batch():
     _check_generation(DeploymentPlan(1, 1, 1, 1, 1, transport="shm"), check_hlo=True)
 
 
+@pytest.mark.slow  # the quick subset stays under 5 minutes (tcp: test_more_plans in the full suite)
 def test_tcp_two_expert_nodes_two_micro_batches():
     _check_generation(DeploymentPlan(1, 1, 2, 1, 2, transport="tcp"), check_hlo=True)
 
