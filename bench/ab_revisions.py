@@ -78,6 +78,9 @@ def main():
             a = [run[key][v] for run in runs["after"]]
             row[f"{v}_before"], row[f"{v}_after"] = statistics.median(b), statistics.median(a)
             row[f"{v}_ratio"] = f"{statistics.median(a) / statistics.median(b):.3f}"
+            # each round's after / before, then their median: a slow spell of the machine within one round
+            # cancels out, and one outlier round on either side does not decide it
+            row[f"{v}_paired"] = f"{statistics.median(y / x for x, y in zip(b, a)):.3f}"
             row[f"{v}_rounds"] = " / ".join(f"{x}, {y}" for x, y in zip(b, a))
         table.append(row)
         print(row, flush=True)
@@ -85,10 +88,11 @@ def main():
     columns = [(k, k) for k in keys]
     for v in values:
         columns += [(f"{v}_before", f"{v} before"), (f"{v}_after", f"{v} after"), (f"{v}_ratio", "after / before"),
-                    (f"{v}_rounds", "rounds (before, after)")]
+                    (f"{v}_paired", "median of round ratios"), (f"{v}_rounds", "rounds (before, after)")]
     notes = (f"Before: {args.revision or args.before} (its own copy of the benchmark); after: this tree. "
              f"{args.rounds} rounds, each the benchmark once in the older tree then once in this one; the table "
-             f"gives the medians over the rounds, their ratio, and every round's values. Benchmark: "
+             f"gives the medians over the rounds, their ratio, the median of each round's ratio after / before, "
+             f"and every round's values. Benchmark: "
              f"`{' '.join(command)}`.")
     path = write_results(args.name, table, columns, notes)
     print(f"wrote {path}")
