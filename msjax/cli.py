@@ -15,10 +15,11 @@ import time
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr for weight loading (one final line when stderr is not a terminal)."""
+    """A one-line progress bar on stderr (one final line when stderr is not a terminal): of bytes (weight
+    loading, shown in MB) or of counted things (`unit`, e.g. the warm-up's step shapes)."""
 
-    def __init__(self, label: str, width: int = 30):
-        self.label, self.width, self._last = label, width, -1
+    def __init__(self, label: str, width: int = 30, unit: str | None = None):
+        self.label, self.width, self.unit, self._last = label, width, unit, -1
         self.interactive = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
@@ -27,8 +28,8 @@ class ProgressBar:
             return
         self._last = percent
         filled = self.width * percent // 100
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{' ' * (self.width - filled)}] {percent:3d}% "
-                         f"{done / 1e6:.1f}/{total / 1e6:.1f} MB")
+        amount = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if self.unit is None else f"{done}/{total} {self.unit}"
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{' ' * (self.width - filled)}] {percent:3d}% {amount}")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -103,7 +104,14 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig.load(args.config, **overrides) if args.config else \
         ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
     print(f"loading {config.model} (plan: {config.plan})", file=sys.stderr)
-    server = serve(config, progress=ProgressBar("loading weights"))
+
+    def listening(server):
+        if config.warmup:
+            print(f"listening on {server.grpc_address} (gRPC) and {server.http_address} (HTTP); compiling the "
+                  "step shapes first (/health answers 503 \"loading\" until then)", file=sys.stderr, flush=True)
+
+    server = serve(config, progress=ProgressBar("loading weights"), on_listening=listening,
+                   warmup_progress=ProgressBar("compiling step shapes", unit="steps"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -115,9 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
           f"try:\n"
           f"  curl -s {server.http_address}/v1/completions -H 'Content-Type: application/json' "
           f"""-d '{{"model": "{config.name}", "prompt": "Beautiful is better than", "max_tokens": 16, "temperature": 0}}'\n"""
-          f"  grpcurl -plaintext -d '{{\"prompt\": \"Beautiful is better than\", \"max_tokens\": 16, \"temperature\": 0}}' "
-          f"{server.grpc_address} msjax.v1.Decode/Generate\n"
           f"  {sys.executable} -m serving.client --address {host}:{grpc_port} \"Beautiful is better than\"\n"
+          f"  grpcurl -plaintext -d '{{\"prompt\": \"Beautiful is better than\", \"max_tokens\": 16, \"temperature\": 0}}' "
+          f"{server.grpc_address} msjax.v1.Decode/Generate   (if you have grpcurl)\n"
           f"Ctrl-C stops (in-flight requests finish first).", flush=True)
     stop.wait()
     print("draining and stopping...", file=sys.stderr, flush=True)
@@ -156,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-token", help="require 'Authorization: Bearer TOKEN' (default: off)")
     srv.add_argument("--tls-cert", help="PEM certificate: TLS for gRPC and HTTP (with --tls-key)")
     srv.add_argument("--tls-key", help="PEM private key")
-    srv.add_argument("--warmup", action="store_true", default=None,
-                     help="compile the decode shapes before accepting requests (slower start, faster first requests)")
+    srv.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                     help="compile every step shape before reporting ready (default; --no-warmup starts at once "
+                     "and compiles each shape when a request first needs it)")
     srv.set_defaults(run=_serve)
     # parsed by msjax.launch itself (main() hands it the rest of the command line)
     sub.add_parser("launch", add_help=False, help="generate over a multi-process deployment (plan transport shm, "

@@ -40,14 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     stub = decode_pb2_grpc.DecodeStub(channel)
     request = decode_pb2.GenerateRequest(prompt=args.prompt, max_tokens=args.max_tokens,
                                          temperature=args.temperature)
+    started = False  # the prompt is echoed with the first response: on an error stdout stays empty
     try:
-        print(args.prompt, end="", flush=True)
         for response in stub.Generate(request, timeout=args.timeout, metadata=metadata):
+            if not started:
+                print(args.prompt, end="", flush=True)
+                started = True
             print(response.text, end="", flush=True)
             if response.finish_reason:
                 print(f"\n[{response.usage.completion_tokens} tokens, {response.finish_reason}]", file=sys.stderr)
     except grpc.RpcError as err:
-        print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
+        if started:
+            print(flush=True)  # end the partial line of text
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
     finally:
         channel.close()

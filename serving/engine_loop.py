@@ -17,7 +17,6 @@ import time
 from collections import deque
 from typing import Callable
 
-from msjax.engine.batch import decode_buckets
 from msjax.engine.engine import Engine, RequestDelta
 from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
 from serving.metrics import Metrics
@@ -259,41 +258,8 @@ class EngineLoop:
 
     # --- before the loop starts ---
 
-    def warmup(self) -> None:
-        """Compile the step shapes before serving: decode at each batch size the engine pads to
-        (`decode_buckets`), and prefill at each power-of-two token budget up to max_num_batched_tokens, split
-        into each number of micro-batches up to the plan's m (an attention node compiles its programs for all
-        micro-batches of a step together, padded to one shape); each without and with logprobs."""
-        cfg = self.engine.config
-        replicas = len(self.engine.replicas)
-
-        def run(prompts):
-            # without and with logprobs: a step that asks for them compiles its own head program
-            for logprobs in (None, 1):
-                sampling = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=logprobs)
-                for i, prompt in enumerate(prompts):
-                    self.engine.add_request(f"warmup-{i}", prompt, sampling)
-                while self.engine.has_unfinished():
-                    self.engine.step()
-
-        for n in decode_buckets(cfg.max_num_seqs):  # decode buckets (and the smallest prefill bucket)
-            run([[2 + i % 8] * 4 for i in range(n)])
-        # a ramp, as under load: one request arrives per step, then they leave one per step (the expert nodes see
-        # the tokens of all attention replicas, so their shapes follow the mix, not one replica's bucket)
-        ramp = cfg.max_num_seqs * replicas
-        for i in range(ramp):
-            self.engine.add_request(f"warmup-ramp-{i}", [2 + i % 8] * 4,
-                                    SamplingParams(max_tokens=ramp, temperature=0, ignore_eos=True))
-            self.engine.step()
-        while self.engine.has_unfinished():
-            self.engine.step()
-        short = [3] * 4
-        bucket = 16
-        while bucket <= min(cfg.max_num_batched_tokens, self.engine.max_model_len - 4):  # prefill buckets
-            long = [2 + i % 8 for i in range(bucket // 2 + 1)]  # a chunk that pads to `bucket`
-            for k in range(1, min(self.engine.micro_batches, cfg.max_num_seqs) + 1):
-                if len(long) + len(short) * (k - 1) <= cfg.max_num_batched_tokens:  # all k chunks in one step
-                    # each replica (the fewest waiting gets the next request): one long, k - 1 short prompts
-                    run([long] * replicas + [short] * (replicas * (k - 1)))
-            bucket *= 2
+    def warmup(self, progress=None) -> None:
+        """Compile every step shape before serving (`Engine.warm_up`: each shape an attention node can run and
+        each mix the expert nodes can receive, on padding); `progress(done, total)` after each step."""
+        self.engine.warm_up(progress)
         self._flush_expert_load()

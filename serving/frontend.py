@@ -105,10 +105,7 @@ class Frontend:
                     for t in ids):
                 raise InvalidRequestError("stop_token_ids", f"must be token ids in [0, "
                                           f"{self.engine.model_config.vocab_size}), got {ids!r}")
-        for name in ("temperature", "top_p"):
-            if name in params and isinstance(params[name], bool):
-                raise InvalidRequestError(name, f"must be a number, got {params[name]!r}")
-        return SamplingParams(**params)
+        return SamplingParams(**params)  # checks each field's type, then its range
 
     def open(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> RequestStream:
         """Submit (raises Overloaded / Unavailable / InvalidRequestError) and return the stream of deltas."""

@@ -146,10 +146,13 @@ class GrpcServer:
             self.port = self.server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot bind gRPC to {address}")
+        await self.set_not_serving()  # until the server has warmed up (set_serving)
         await self.server.start()
+        return self.port
+
+    async def set_serving(self) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        return self.port
 
     async def set_not_serving(self) -> None:
         if self.health is not None:

@@ -43,6 +43,12 @@ class HttpError(Exception):
                                             "code": self.code}}, status=self.status)
 
 
+def _is_json(media_type: str) -> bool:
+    """application/json, or a structured type built on it (application/merge-patch+json, ...)."""
+    kind, _, sub = media_type.lower().partition("/")
+    return kind == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 def _invalid(err: InvalidRequestError) -> HttpError:
     return HttpError(400, str(err), err.field, code="invalid_value")
 
@@ -59,7 +65,7 @@ class HttpApi:
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
-        self.draining = False
+        self.state = "loading"  # "loading" (warming up) -> "ok" -> "draining"; /health is 200 only when "ok"
         self.runner = None
 
     # --- plumbing ---
@@ -98,6 +104,11 @@ class HttpApi:
             await self.runner.cleanup()
 
     async def _body(self, request, known: set[str]) -> dict:
+        sent_type = request.headers.get("Content-Type")
+        if sent_type is not None and not _is_json(request.content_type):  # no Content-Type at all: JSON assumed
+            raise HttpError(415, f"Content-Type {sent_type!r} is not JSON: send the body as 'Content-Type: "
+                            "application/json' (curl: -H 'Content-Type: application/json')", None,
+                            code="unsupported_media_type")
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -183,11 +194,18 @@ class HttpApi:
 
     # --- /v1/completions ---
 
-    def _completion_logprobs(self, pairs) -> dict:
+    def _completion_logprobs(self, pairs, start: int = 0) -> dict:
+        """OpenAI's completion logprobs of (token, {token: logprob}) pairs; `text_offset` gives each token's
+        character offset in the completion (as vLLM does: the running length of the tokens' texts, from `start`,
+        the length of the tokens streamed in earlier chunks)."""
         tokens = [self._token_text(t) for t, _ in pairs]
+        offsets = []
+        for text in tokens:
+            offsets.append(start)
+            start += len(text)
         return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in pairs],
                 "top_logprobs": [{self._token_text(k): v for k, v in lp.items()} for _, lp in pairs],
-                "text_offset": []}
+                "text_offset": offsets}
 
     async def completions(self, request):
         body = await self._body(request, COMPLETION_FIELDS)
@@ -211,13 +229,14 @@ class HttpApi:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
             async def chunks():
-                total = 0
+                total = offset = 0
                 try:
                     async for delta in stream:
                         total += len(delta.token_ids)
                         lp = None
                         if delta.logprobs is not None:
-                            lp = self._completion_logprobs(list(zip(delta.token_ids, delta.logprobs)))
+                            lp = self._completion_logprobs(list(zip(delta.token_ids, delta.logprobs)), offset)
+                            offset = lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else offset
                         yield {**head, "choices": [{"index": 0, "text": delta.text or "", "logprobs": lp,
                                                     "finish_reason": delta.finish_reason if delta.finished else None}]}
                     if include_usage:
@@ -262,8 +281,11 @@ class HttpApi:
         if not isinstance(want_logprobs, bool):
             raise HttpError(400, f"logprobs: must be a boolean, got {want_logprobs!r}", "logprobs")
         top = body.get("top_logprobs")
-        if top is not None and (not want_logprobs or isinstance(top, bool) or not isinstance(top, int)):
-            raise HttpError(400, "top_logprobs: must be an integer and needs logprobs=true", "top_logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+            raise HttpError(400, f"top_logprobs: must be an integer, got {type(top).__name__} {top!r}",
+                            "top_logprobs")
+        if top is not None and not want_logprobs:
+            raise HttpError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         default = min(self.fe.max_tokens_cap, self.fe.max_model_len - len(ids))
         try:
@@ -314,9 +336,7 @@ class HttpApi:
             "max_model_len": self.fe.max_model_len}]})
 
     async def health(self, request):
-        if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": self.state}, status=200 if self.state == "ok" else 503)
 
     async def metrics(self, request):
         return web.Response(text=self.fe.metrics.render(), content_type="text/plain",

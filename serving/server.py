@@ -3,8 +3,13 @@
     with msjax.serve(msjax.ServeConfig(grpc_port=0, http_port=0)) as server:
         print(server.grpc_address, server.http_address)
 
-Threads: the caller's (load, then `stop`), the engine loop (owns the Engine), and one asyncio loop that runs both
-front ends. `stop()` is graceful: health turns NOT_SERVING and new requests are refused, in-flight requests finish
+Start-up: load the model, open both front ends while still "loading" (HTTP `/health` answers 503
+{"status": "loading"}, gRPC health NOT_SERVING), compile every step shape the server will meet (`warmup`, on by
+default: the first request is then as fast as the tenth), then report ready (`/health` 200, SERVING). Requests
+that arrive while it loads are accepted and wait for the engine loop, which starts when the warm-up is done.
+
+Threads: the caller's (load, warm up, then `stop`), the engine loop (owns the Engine), and one asyncio loop that
+runs both front ends. `stop()` is graceful: health turns NOT_SERVING and new requests are refused, in-flight requests finish
 (up to `drain_timeout_s`, then they are aborted), the servers close and the threads are joined.
 """
 
@@ -24,7 +29,10 @@ class Server:
     """A running server: `grpc_address` ("host:port"), `http_address` ("http://host:port", None when off),
     `engine`, `metrics`; `stop()`, `wait()`; a context manager that stops on exit."""
 
-    def __init__(self, config: ServeConfig, engine=None, progress=None):
+    def __init__(self, config: ServeConfig, engine=None, progress=None, warmup_progress=None, on_listening=None):
+        """`progress(done, total)`: weight loading in bytes; `warmup_progress(done, total)`: the warm-up's step
+        shapes; `on_listening(server)`: called once both front ends listen, before the warm-up (the addresses
+        are known, `/health` still answers "loading")."""
         from msjax.engine.engine import Engine
         from msjax.loading import resolve_model_path
         from msjax.runtime.host_devices import ensure_host_devices
@@ -49,23 +57,29 @@ class Server:
         self.metrics = Metrics(config.name, engine.model_config.num_experts, engine.num_total_pages())
         self.loop = EngineLoop(engine, self.metrics, max_concurrent=config.max_concurrent_requests,
                                max_queue=config.max_queue)
-        if config.warmup:
-            self.loop.warmup()
         self.frontend = Frontend(engine, self.loop, config, self.metrics)
         self._model_path = model_path
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self.ready = threading.Event()  # set once warmed up and serving
         self._aio = asyncio.new_event_loop()
         self._aio_thread = threading.Thread(target=self._aio.run_forever, name="msjax-serving-io", daemon=True)
         self.grpc = self.http = None
         self.grpc_address = self.http_address = None
-        self.loop.start()
         self._aio_thread.start()
         try:
             self._call(self._start_frontends())
+            if on_listening is not None:
+                on_listening(self)
+            if config.warmup:  # before the engine loop starts: the warm-up has the engine to itself
+                log.info("compiling the step shapes of %s before serving", config.name)
+                self.loop.warmup(progress=warmup_progress)
+            self.loop.start()
+            self._call(self._report_ready())
         except BaseException:
             self.stop(drain_timeout=0)
             raise
+        self.ready.set()
         log.info("serving %s: gRPC on %s, HTTP on %s", config.name, self.grpc_address, self.http_address)
 
     def _call(self, coro, timeout: float | None = 60):
@@ -89,6 +103,11 @@ class Server:
             port = await self.http.start(cfg.host, cfg.http_port, context)
             self.http_address = f"{'https' if context else 'http'}://{host}:{port}"
 
+    async def _report_ready(self) -> None:
+        await self.grpc.set_serving()
+        if self.http is not None:
+            self.http.state = "ok"
+
     def stop(self, drain_timeout: float | None = None) -> None:
         """Graceful shutdown: refuse new requests, drain in-flight ones, close the servers, join the threads,
         and close the engine the server built (stopping a multi-process plan's node processes). Safe to call
@@ -100,10 +119,11 @@ class Server:
             self.loop.stop_admitting()
             if self._aio_thread.is_alive():
                 if self.http is not None:
-                    self.http.draining = True
+                    self.http.state = "draining"
                 if self.grpc is not None:
                     self._call(self.grpc.set_not_serving(), 10)
-            self.loop.shutdown(timeout)  # drains (streams keep flowing on the io loop), then stops the engine loop
+            if self.loop._thread.is_alive():  # (not yet started when the warm-up failed)
+                self.loop.shutdown(timeout)  # drains (streams keep flowing on the io loop), then stops the loop
             if self._aio_thread.is_alive():
                 try:
                     if self.grpc is not None:
@@ -130,6 +150,9 @@ class Server:
         self.stop()
 
 
-def serve(config: ServeConfig | None = None, *, engine=None, progress=None) -> Server:
-    """Load the model (or use `engine`), start the gRPC and HTTP front ends and return the running `Server`."""
-    return Server(config or ServeConfig(), engine=engine, progress=progress)
+def serve(config: ServeConfig | None = None, *, engine=None, progress=None, warmup_progress=None,
+          on_listening=None) -> Server:
+    """Load the model (or use `engine`), start the gRPC and HTTP front ends, warm up (`config.warmup`) and return
+    the running, ready `Server`."""
+    return Server(config or ServeConfig(), engine=engine, progress=progress, warmup_progress=warmup_progress,
+                  on_listening=on_listening)

@@ -1,7 +1,9 @@
-"""Helpers of the serving tests: small HTTP calls, a gRPC client without generated stubs, polling."""
+"""Helpers of the serving tests: small HTTP calls, a gRPC client without generated stubs, polling, counting
+compiles."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
@@ -23,6 +25,25 @@ def http(method: str, url: str, body=None, headers=None, timeout: float = 60, co
     except urllib.error.HTTPError as err:
         status, raw, kind = err.code, err.read().decode(), err.headers.get("Content-Type", "")
     return status, (json.loads(raw) if "json" in kind else raw)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """The durations of the XLA compilations in this process while the block runs (a list that fills)."""
+    import jax
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def poll(condition, timeout: float = 30.0, interval: float = 0.01, what: str = "condition"):

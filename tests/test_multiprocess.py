@@ -492,7 +492,7 @@ def test_server_over_node_processes_answers_like_the_offline_engine():
     want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
     del llm
     before = _segments()
-    srv = msjax.serve(msjax.ServeConfig(plan=plan, grpc_port=0, http_port=0, engine=options))
+    srv = msjax.serve(msjax.ServeConfig(plan=plan, grpc_port=0, http_port=0, engine=options, warmup=False))
     runner = srv.engine.runner
     procs = list(runner.processes)
     try:

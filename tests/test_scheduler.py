@@ -171,6 +171,31 @@ def test_sampling_params_name_the_field(kwargs, field):
     assert err.value.field == field and isinstance(err.value, ValueError)
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("max_tokens", "8", "must be an integer, got str '8'"), ("max_tokens", 2.5, "must be an integer, got float"),
+    ("max_tokens", True, "must be an integer, got bool"), ("temperature", "abc", "must be a number, got str 'abc'"),
+    ("temperature", None, "must be a number, got NoneType"), ("top_p", [1], "must be a number, got list"),
+    ("top_k", 1.0, "must be an integer, got float"), ("seed", "7", "must be an integer, got str"),
+    ("logprobs", 2.0, "must be an integer, got float"),
+])
+def test_sampling_params_type_errors_name_the_expected_type(field, value, expected):
+    """A value of the wrong type is reported as such, not as out of range."""
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**{field: value})
+    assert err.value.field == field and expected in str(err.value) and "must be >=" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("max_tokens", 0, "must be > 0, got 0"), ("temperature", -1, "must be >= 0, got -1"),
+    ("temperature", float("nan"), "must be >= 0, got nan"), ("top_p", 0, "must be in (0, 1], got 0"),
+    ("seed", 2**32, "must be in [0, 2**32)"), ("logprobs", 21, "must be in [0, 20], got 21"),
+])
+def test_sampling_params_range_errors(field, value, expected):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**{field: value})
+    assert err.value.field == field and expected in str(err.value)
+
+
 def test_engine_config_must_hold_one_sequence():
     with pytest.raises(ConfigError, match="num_pages"):
         make_engine(num_pages=4, max_model_len=40)

@@ -9,6 +9,7 @@ module so the step programs compile once.
 import concurrent.futures
 import dataclasses
 import gc
+import json
 import random
 import threading
 
@@ -20,7 +21,7 @@ import msjax
 from msjax import DeploymentPlan, SamplingParams
 from serving.metrics import parse
 from serving.proto.msjax.v1 import decode_pb2, decode_pb2_grpc
-from tests.serving_utils import ReflectionClient, http, poll
+from tests.serving_utils import ReflectionClient, count_compiles, http, poll
 
 PLAN = DeploymentPlan(attention_nodes=1, expert_nodes=2, micro_batches=2)
 ENGINE = dict(max_num_seqs=8, num_pages=96, page_size=16, max_num_batched_tokens=64, max_model_len=256)
@@ -32,7 +33,7 @@ PROMPT = "Beautiful is better than"
 def server():
     config = msjax.ServeConfig(plan=PLAN, grpc_port=0, http_port=0, max_concurrent_requests=MAX_CONCURRENT,
                                max_queue=MAX_QUEUE, max_prompt_tokens=200, max_tokens_cap=220, engine=ENGINE,
-                               drain_timeout_s=60)
+                               drain_timeout_s=60, warmup=False)  # cold: the quick subset compiles on demand
     srv = msjax.serve(config)
     yield srv
     srv.stop()
@@ -340,6 +341,89 @@ def test_http_400_names_the_field(server, path, body, field):
     assert field.split("[")[0] in out["error"]["message"]
 
 
+HTTP_TYPE_ERRORS = [  # every numeric field, a value of the wrong type: the message names the type it must be
+    ("/v1/completions", "max_tokens", "8", "must be an integer, got str '8'"),
+    ("/v1/completions", "max_tokens", 2.5, "must be an integer, got float"),
+    ("/v1/completions", "temperature", "abc", "must be a number, got str 'abc'"),
+    ("/v1/completions", "temperature", True, "must be a number, got bool"),
+    ("/v1/completions", "top_p", "0.9", "must be a number, got str"),
+    ("/v1/completions", "top_k", "5", "must be an integer, got str"),
+    ("/v1/completions", "top_k", 1.5, "must be an integer, got float"),
+    ("/v1/completions", "seed", "42", "must be an integer, got str"),
+    ("/v1/completions", "logprobs", "2", "must be an integer, got str"),
+    ("/v1/chat/completions", "temperature", "abc", "must be a number, got str 'abc'"),
+    ("/v1/chat/completions", "max_completion_tokens", "8", "must be an integer, got str"),
+    ("/v1/chat/completions", "top_logprobs", "2", "must be an integer, got str"),
+]
+
+
+@pytest.mark.parametrize("path,field,value,message", HTTP_TYPE_ERRORS,
+                         ids=[f"{f}-{i}" for i, (_, f, _, _) in enumerate(HTTP_TYPE_ERRORS)])
+def test_http_type_errors_say_the_expected_type(server, path, field, value, message):
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    if field == "top_logprobs":
+        body["logprobs"] = True
+    status, out = http("POST", server.http_address + path, {**body, field: value})
+    assert status == 400, out
+    param = "max_tokens" if field == "max_completion_tokens" else field
+    assert out["error"]["param"] == param and message in out["error"]["message"], out
+    assert "must be >=" not in out["error"]["message"] and "must be in" not in out["error"]["message"]
+
+
+def test_completion_logprobs_give_text_offsets(server, openai_client):
+    """One character offset per token, as the OpenAI API gives: where the token's text starts in the
+    completion; the stream's chunks continue the count."""
+    out = openai_client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=8, temperature=0,
+                                           logprobs=5)
+    lp = out.choices[0].logprobs
+    assert len(lp.text_offset) == len(lp.tokens) == 8 and lp.text_offset[0] == 0
+    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+    assert "".join(lp.tokens) == out.choices[0].text
+    chunks = list(openai_client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                   logprobs=5, stream=True))
+    streamed = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert streamed == lp.text_offset
+
+
+def test_http_body_must_be_json_typed(server):
+    """A body sent as another media type is refused (415) with the header to send; no Content-Type at all is
+    taken as JSON (curl without -H), and JSON with parameters or a +json type is JSON."""
+    import http.client
+    host, port = server.http_address.removeprefix("http://").split(":")
+    body = '{"prompt": "Flat is", "max_tokens": 2, "temperature": 0}'
+
+    def post(headers):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            conn.request("POST", "/v1/completions", body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, text = post({"Content-Type": kind})
+        assert status == 415, (kind, text)
+        error = json.loads(text)["error"]
+        assert kind.split(";")[0] in error["message"] and "Content-Type: application/json" in error["message"]
+        assert error["code"] == "unsupported_media_type"
+    for headers in ({}, {"Content-Type": "application/json; charset=utf-8"},
+                    {"Content-Type": "application/vnd.api+json"}):
+        status, text = post(headers)
+        assert status == 200, (headers, text)
+
+
+def test_python_client_prints_nothing_on_error(server, capsys, reference):
+    """`python -m serving.client`: the prompt and the text on stdout when it works; on an error stdout stays
+    empty and stderr says what went wrong."""
+    from serving.client import main
+    assert main([PROMPT, "--address", server.grpc_address, "--max-tokens", "24"]) == 0
+    out, err = capsys.readouterr()
+    assert out == PROMPT + reference.text and "24 tokens, length" in err
+    assert main([PROMPT, "--address", server.grpc_address, "--max-tokens", "0"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "INVALID_ARGUMENT" in err and "max_tokens" in err
+
+
 def test_http_other_errors(server):
     status, out = http("POST", server.http_address + "/v1/completions", {"model": "gpt-4", "prompt": "hi"})
     assert status == 404 and out["error"]["param"] == "model" and out["error"]["code"] == "model_not_found"
@@ -462,12 +546,14 @@ def test_soak(warm_server):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             return list(pool.map(lambda job: _grpc_run(stub, *job), jobs))
 
-    drive(warm, 1)  # the server's warm-up compiled the step shapes; this brings its memory to working size
-    poll(lambda: _all_pages_free(server), what="pages after warm-up")
-    rss_warm = _rss_bytes()
-    results = drive(soak, 2)
-    poll(lambda: _all_pages_free(server), what="pages after the soak")  # no KV page leaked
-    rss_after = _rss_bytes()
+    with count_compiles() as compiles:  # the server's warm-up compiled every step shape these requests meet
+        drive(warm, 1)  # brings the server's memory to its working size
+        poll(lambda: _all_pages_free(server), what="pages after warm-up")
+        rss_warm = _rss_bytes()
+        results = drive(soak, 2)
+        poll(lambda: _all_pages_free(server), what="pages after the soak")  # no KV page leaked
+        rss_after = _rss_bytes()
+    assert compiles == [], f"{len(compiles)} compiles after the warm-up ({sum(compiles):.1f} s)"
     llm = msjax.LLM("tiny-moe", plan=PLAN, **ENGINE)
     want = llm.generate([p for p, _, _ in soak], [sp for _, sp, _ in soak])
     del llm

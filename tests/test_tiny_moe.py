@@ -49,7 +49,7 @@ def test_cli_reports_bad_input(capsys):
     assert main(["generate", "--model", "no-such-model", "--prompt", "x"]) == 2
     assert "unknown preset 'no-such-model'" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--max-tokens", "0"]) == 2
-    assert "max_tokens: must be an integer > 0" in capsys.readouterr().err
+    assert "max_tokens: must be > 0, got 0" in capsys.readouterr().err
 
 
 def test_matches_hf_transformers(tiny):

@@ -292,6 +292,17 @@ class Engine:
         self._load_window = delta.copy() if self._load_window is None else self._load_window + delta
         return delta
 
+    def discard_expert_load(self) -> None:
+        """Forget the expert load counted so far (after a warm-up: padding, not traffic)."""
+        self.runner.expert_load()
+        self._load_window = None
+
+    def warm_up(self, progress=None) -> int:
+        """Compile every step shape this engine can run, on padding (`msjax.engine.warmup`); the engine must be
+        idle. `progress(done, total)` follows the steps; returns how many ran."""
+        from msjax.engine.warmup import warm_up
+        return warm_up(self, progress)
+
     def num_free_pages(self) -> int:
         return sum(r.allocator.num_free for r in self.replicas)
 

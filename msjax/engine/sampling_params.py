@@ -30,18 +30,29 @@ class SamplingParams:
         def bad(field, message):
             raise InvalidRequestError(field, message)
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            bad("max_tokens", f"must be an integer > 0, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+        # the type first, then the range: "abc" is not "out of range", it is not a number
+        for field, kind, optional in (("max_tokens", int, False), ("temperature", float, False),
+                                      ("top_p", float, False), ("top_k", int, False), ("seed", int, True),
+                                      ("logprobs", int, True)):
+            value = getattr(self, field)
+            if value is None and optional:
+                continue
+            expected = (int,) if kind is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, expected):
+                bad(field, f"must be {'an integer' if kind is int else 'a number'}, got "
+                    f"{type(value).__name__} {value!r}")
+        if self.max_tokens <= 0:
+            bad("max_tokens", f"must be > 0, got {self.max_tokens!r}")
+        if not self.temperature >= 0:  # NaN fails too
             bad("temperature", f"must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", f"must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
-            bad("seed", f"must be an integer in [0, 2**32), got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.top_k < 0:
+            bad("top_k", f"must be >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            bad("seed", f"must be in [0, 2**32), got {self.seed!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if stop is not None:
             stop = tuple(stop)

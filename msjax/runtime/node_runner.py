@@ -199,18 +199,17 @@ class NodeRunner:
             return [[] for _ in batches]
         try:
             self.processes.check("before the step")
-            k = self.cfg.top_k
-            rounds = []
-            for i in range(max(len(node) for node in batches)):
-                caps = []
-                for a, node in enumerate(batches):
-                    if i < len(node):
-                        tokens = int(node[i].tokens.shape[0])
-                        if tokens > self.deployment.max_tokens:
-                            raise ValueError(f"a micro-batch of {tokens} tokens exceeds the deployment's "
-                                             f"{self.deployment.max_tokens}")
-                        caps.append((a, tokens * k))
-                rounds.append(tuple(caps))
+            tokens = max(int(mb.tokens.shape[0]) for node in batches for mb in node)
+            if tokens > self.deployment.max_tokens:
+                raise ValueError(f"a micro-batch of {tokens} tokens exceeds the deployment's "
+                                 f"{self.deployment.max_tokens}")
+            # every packet of the step gets the capacity of its largest (a receive may be larger than what is
+            # sent): an expert node's program then depends on which attention nodes send in each round and on
+            # that one capacity, not on every combination of the attention nodes' shapes (which a server could
+            # neither compile ahead nor avoid meeting one by one)
+            cap = tokens * self.cfg.top_k
+            rounds = [tuple((a, cap) for a, node in enumerate(batches) if i < len(node))
+                      for i in range(max(len(node) for node in batches))]
             self._step += 1
             busy = [a for a, node in enumerate(batches) if node]
             for e in self.expert_keys:
