@@ -116,10 +116,10 @@ def run_level(protocol: str, address: str, clients: int, requests: int, prompt: 
             "tpot_p99_ms": ms(tpot, 99), "wall_s": round(wall, 2)}
 
 
-def start_server(args, warmup: bool = True) -> tuple[subprocess.Popen, str, str]:
+def start_server(args, warmup: bool = True, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, str]:
     """`msjax serve` as a separate process; returns once it printed its banner (ready: after the warm-up)."""
     cmd = [sys.executable, "-m", "msjax", "serve", "--grpc-port", "0", "--http-port", "0",
-           "--warmup" if warmup else "--no-warmup"]
+           "--warmup" if warmup else "--no-warmup", *extra]
     if args.plan:
         cmd += ["--plan", args.plan]
     if args.config:

@@ -100,9 +100,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {"model": args.model, "plan": args.plan, "host": args.host, "grpc_port": args.grpc_port,
                  "http_port": args.http_port, "api_token": args.api_token, "tls_cert": args.tls_cert,
-                 "tls_key": args.tls_key, "warmup": args.warmup}
+                 "tls_key": args.tls_key, "warmup": args.warmup,
+                 "compile_cache": None if args.compile_cache == "none" else args.compile_cache}
     config = ServeConfig.load(args.config, **overrides) if args.config else \
         ServeConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if config.compile_cache is None and args.compile_cache != "none":
+        import dataclasses
+
+        from msjax.runtime.compile_cache import DEFAULT_DIR
+        config = dataclasses.replace(config, compile_cache=DEFAULT_DIR)  # the command line caches unless told not to
     print(f"loading {config.model} (plan: {config.plan})", file=sys.stderr)
 
     def listening(server):
@@ -167,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                      help="compile every step shape before reporting ready (default; --no-warmup starts at once "
                      "and compiles each shape when a request first needs it)")
+    srv.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache: a restart loads "
+                     "compiled programs from DIR instead of compiling them (default ~/.cache/msjax/xla; 'none': off)")
     srv.set_defaults(run=_serve)
     # parsed by msjax.launch itself (main() hands it the rest of the command line)
     sub.add_parser("launch", add_help=False, help="generate over a multi-process deployment (plan transport shm, "

@@ -54,6 +54,9 @@ class ServeConfig:
     # compile every step shape before reporting ready (EngineLoop.warmup): the first request is as fast as the
     # tenth; False starts serving at once and compiles each shape when a request first needs it
     warmup: bool = True
+    # a directory for JAX's persistent compilation cache (msjax.runtime.compile_cache): a restart loads the
+    # warm-up's programs instead of compiling them; None: no cache. `msjax serve` uses ~/.cache/msjax/xla
+    compile_cache: str | None = None
     engine: dict = dataclasses.field(default_factory=dict)  # EngineConfig fields
 
     def __post_init__(self):
@@ -83,6 +86,8 @@ class ServeConfig:
             raise ConfigError("api_token", "must be a non-empty string or unset")
         if not isinstance(self.warmup, bool):
             raise ConfigError("warmup", f"must be true or false, got {self.warmup!r}")
+        if self.compile_cache is not None and (not isinstance(self.compile_cache, str) or not self.compile_cache):
+            raise ConfigError("compile_cache", f"must be a directory or unset, got {self.compile_cache!r}")
         if not isinstance(self.drain_timeout_s, (int, float)) or self.drain_timeout_s < 0:
             raise ConfigError("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s!r}")
         if not isinstance(self.engine, dict):

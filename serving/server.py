@@ -42,6 +42,9 @@ class Server:
 
         self.config = config
         self._owns_engine = engine is None  # stop() then releases what it holds (node processes of the plan)
+        if config.compile_cache is not None:  # before anything compiles, and before node processes start
+            from msjax.runtime import compile_cache
+            compile_cache.enable(config.compile_cache)
         if engine is None:
             ensure_host_devices()  # eight host devices for the default plan on a CPU machine
             engine = Engine.from_pretrained(config.model, plan=config.resolved_plan(), progress=progress,

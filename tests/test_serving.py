@@ -214,6 +214,42 @@ def test_http_stream_disconnect_frees_pages(server):
     poll(lambda: _all_pages_free(server), what="the disconnected request's pages")
 
 
+def _metrics_idle(server):
+    m = parse(http("GET", server.http_address + "/metrics")[1])
+    return m["msjax_num_requests_running"] == 0 and m["msjax_kv_pages_used"] == 0
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_disconnected_streams_free_their_pages_within_a_step(server, stub, protocol):
+    """8 streaming clients go away at once: their requests are aborted and their pages freed (in the engine and
+    in /metrics) within the step in flight: the loop counts that step, the one that reports the aborts, and at
+    most one more that started before the last disconnect reached it."""
+    import http.client
+    host, port = server.http_address.removeprefix("http://").split(":")
+    clients = []
+    for _ in range(8):
+        if protocol == "http":
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", "/v1/completions", body='{"prompt": "Flat is", "max_tokens": 200, '
+                         '"ignore_eos": true, "stream": true}', headers={"Content-Type": "application/json"})
+            clients.append(conn)
+        else:
+            clients.append(stub.Generate(decode_pb2.GenerateRequest(prompt="Flat is", max_tokens=200,
+                                                                    ignore_eos=True), timeout=120))
+    for client in clients:  # every stream is flowing
+        assert client.getresponse().readline().startswith(b"data: {") if protocol == "http" else next(client)
+    assert server.loop.num_in_flight == 8
+    steps = server.metrics.steps
+    for client in clients:
+        if protocol == "http":
+            client.sock.shutdown(2)
+            client.close()
+        else:
+            client.cancel()
+    poll(lambda: _all_pages_free(server) and _metrics_idle(server), what="the disconnected requests' pages")
+    assert server.metrics.steps - steps <= 3, f"{server.metrics.steps - steps} steps ran after the disconnect"
+
+
 def test_deadline_aborts_request(server, stub):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(decode_pb2.GenerateRequest(prompt=PROMPT, max_tokens=220, ignore_eos=True), timeout=0.3))

@@ -217,7 +217,7 @@ def test_msjax_serve_cli_default_plan(tmp_path):
     # --no-warmup: the default plan's warm-up compiles 78 steps' programs (3.5 min on 2 cores); the warm-up itself
     # is tested in-process (test_warm_start_..., the soak) and measured by bench/serve_warm_start.py
     proc = subprocess.Popen([sys.executable, "-m", "msjax", "serve", "--grpc-port", "0", "--http-port", "0",
-                             "--no-warmup"],
+                             "--no-warmup", "--compile-cache", str(tmp_path / "xla")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines = []
@@ -238,6 +238,7 @@ def test_msjax_serve_cli_default_plan(tmp_path):
         assert body["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+        assert any((tmp_path / "xla").iterdir())  # the programs it compiled, for the next start
     finally:
         if proc.poll() is None:
             proc.kill()
