@@ -67,6 +67,7 @@ def test_continuous_batching_is_exact(zen_ids):
     print(f"{differing} of {len(requests)} requests differ, each at a float-noise tie")
 
 
+@pytest.mark.slow  # full suite only: the quick subset stays under 5 minutes
 def test_seeded_sampling_is_batch_independent():
     llm = msjax.LLM("tiny-moe", max_num_seqs=4)
     noise = [5, 77, 190, 33, 250, 12]  # off the training text, so the next-token distribution is wide
@@ -80,6 +81,7 @@ def test_seeded_sampling_is_batch_independent():
     assert other_seed[0].token_ids != alone  # the seed matters
 
 
+@pytest.mark.slow  # full suite only: the quick subset stays under 5 minutes
 def test_llm_api_vllm_names():
     llm = msjax.LLM("tiny-moe")
     out = llm.generate(["Beautiful is better than", [1, 2, 3]],

@@ -290,6 +290,7 @@ def test_attention_process_death_between_steps_closes_the_deployment():
     assert _segments() <= before
 
 
+@pytest.mark.slow  # full suite only: the quick subset stays under 5 minutes
 def test_a_malformed_request_gets_an_error_reply_and_the_node_serves_on():
     """Garbage bytes, a request of another protocol version, one for the other role and one with arrays of the
     wrong size, each sent to a live node process: each gets a Failed reply naming the problem, and the

@@ -37,6 +37,7 @@ def test_attention_node_program_over_a_loopback(model):
     assert _no_segments_left()
 
 
+@pytest.mark.slow  # full suite only: the quick subset stays under 5 minutes
 def test_msjax_profile_writes_a_profile_that_plan_reads(tmp_path, capsys):
     from msjax.cli import main
     from msjax.planner import plan
