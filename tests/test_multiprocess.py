@@ -141,6 +141,7 @@ def test_step_inputs_pack_into_two_arrays_and_back():
         assert got.dtype == want.dtype and np.array_equal(np.asarray(got), want)
 
 
+@pytest.mark.slow  # full suite only (the quick subset keeps node processes through the worker-death test)
 def test_shm_one_expert_node_one_micro_batch():
     _check_generation(DeploymentPlan(1, 1, 1, 1, 1, transport="shm"), check_hlo=True)
 

@@ -35,6 +35,7 @@ def _layer_by_layer(model, tokens, batch, kv):
     return attention.logits(h), kv
 
 
+@pytest.mark.slow  # full suite only: the quick subset stays under 5 minutes
 def test_roles_compose_to_colocated(model):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
     table = shuffled_page_table(2, 3)

@@ -194,9 +194,9 @@ def test_warm_start_reports_loading_then_compiles_nothing_after_ready():
         assert not seen["early_done_while_loading"] and phases and phases[-1][0] == phases[-1][1]
         assert http("GET", server.http_address + "/health") == (200, {"status": "ok"})
         status, early = seen["early"].result(300)
-        want = msjax.LLM("tiny-moe", **WARM_ENGINE).generate(body["prompt"], msjax.SamplingParams(
-            max_tokens=6, temperature=0))[0].text
-        assert status == 200 and early["choices"][0]["text"] == want
+        again = http("POST", server.http_address + "/v1/completions", body)  # the same greedy request, once ready
+        assert status == 200 and again[0] == 200 and early["choices"][0]["text"] == again[1]["choices"][0]["text"]
+        assert early["usage"]["completion_tokens"] == 6
         zen = server.engine.tokenizer.encode(ZEN).ids
         requests = [{"prompt": zen[:n], "max_tokens": k, "temperature": t, **({"logprobs": 2} if lp else {})}
                     for n, k, t, lp in [(1, 3, 0, False), (5, 8, 0.7, True), (31, 2, 0, False), (33, 5, 0, True),
