@@ -261,5 +261,4 @@ class EngineLoop:
     def warmup(self, progress=None) -> None:
         """Compile every step shape before serving (`Engine.warm_up`: each shape an attention node can run and
         each mix the expert nodes can receive, on padding); `progress(done, total)` after each step."""
-        self.engine.warm_up(progress)
-        self._flush_expert_load()
+        self.engine.warm_up(progress)  # which also drops the expert load the padding counted

@@ -236,7 +236,7 @@ class HttpApi:
                         lp = None
                         if delta.logprobs is not None:
                             lp = self._completion_logprobs(list(zip(delta.token_ids, delta.logprobs)), offset)
-                            offset = lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else offset
+                            offset += sum(map(len, lp["tokens"]))
                         yield {**head, "choices": [{"index": 0, "text": delta.text or "", "logprobs": lp,
                                                     "finish_reason": delta.finish_reason if delta.finished else None}]}
                     if include_usage:

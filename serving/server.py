@@ -64,7 +64,6 @@ class Server:
         self._model_path = model_path
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
-        self.ready = threading.Event()  # set once warmed up and serving
         self._aio = asyncio.new_event_loop()
         self._aio_thread = threading.Thread(target=self._aio.run_forever, name="msjax-serving-io", daemon=True)
         self.grpc = self.http = None
@@ -82,7 +81,6 @@ class Server:
         except BaseException:
             self.stop(drain_timeout=0)
             raise
-        self.ready.set()
         log.info("serving %s: gRPC on %s, HTTP on %s", config.name, self.grpc_address, self.http_address)
 
     def _call(self, coro, timeout: float | None = 60):

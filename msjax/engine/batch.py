@@ -30,7 +30,7 @@ def decode_bucket(n: int, cap: int) -> int:
 
 
 def decode_buckets(cap: int) -> list[int]:
-    """Every size `decode_bucket` pads to, ascending (what a server compiles before serving)."""
+    """Every size `decode_bucket` pads to, ascending."""
     return sorted({decode_bucket(n, cap) for n in range(1, cap + 1)})
 
 
