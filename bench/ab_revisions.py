@@ -6,8 +6,9 @@ alternation, on the same machine, so a slow spell of the machine lands on both.
         --keys m --values here_ms,apart_ms -- bench/pipeline_pinned.py --compare-attention-processes --repeats 1
 
 Each round runs the benchmark command in the older tree (`--before`: a checkout of the revision, e.g.
-`git worktree add /tmp/before <rev>`, with its native library built) and then in this one; each tree runs its
-own version of the script. The rows each run writes (`bench/results/*.json`, found as the newest file its run
+`git worktree add /tmp/before <rev>`, with its native library built) and in this one, the older tree first in
+even rounds and second in odd ones (so whatever the first run of a pair leaves behind, a warmer page cache or a
+hotter core, lands on both sides alike); each tree runs its own version of the script. The rows each run writes (`bench/results/*.json`, found as the newest file its run
 wrote) are collected and removed again; the combined table — per key, the medians of each side's values and
 their ratio after / before, and every round's values — is written as `<name>-<hardware>-<date>.md/.json`.
 
@@ -64,8 +65,8 @@ def main():
     env = dict(item.split("=", 1) for item in args.before_env)
     runs = {"before": [], "after": []}
     for r in range(args.rounds):
-        for side, tree, python, side_env in (("before", args.before, args.before_python, env),
-                                             ("after", ROOT, sys.executable, {})):
+        sides = (("before", args.before, args.before_python, env), ("after", ROOT, sys.executable, {}))
+        for side, tree, python, side_env in sides if r % 2 == 0 else sides[::-1]:
             rows = run_once(tree, python, command, side_env)
             runs[side].append({tuple(row[k] for k in keys): row for row in rows})
             print(f"round {r} {side}: " + "; ".join(f"{k}: " + ", ".join(f"{v} {row[v]}" for v in values)
@@ -90,7 +91,8 @@ def main():
         columns += [(f"{v}_before", f"{v} before"), (f"{v}_after", f"{v} after"), (f"{v}_ratio", "after / before"),
                     (f"{v}_paired", "median of round ratios"), (f"{v}_rounds", "rounds (before, after)")]
     notes = (f"Before: {args.revision or args.before} (its own copy of the benchmark); after: this tree. "
-             f"{args.rounds} rounds, each the benchmark once in the older tree then once in this one; the table "
+             f"{args.rounds} rounds, each the benchmark once in each tree (the older one first in even rounds, "
+             f"second in odd ones); the table "
              f"gives the medians over the rounds, their ratio, the median of each round's ratio after / before, "
              f"and every round's values. Benchmark: "
              f"`{' '.join(command)}`.")
