@@ -298,12 +298,13 @@ def test_metrics_reads_do_not_take_the_balancers_load():
 
 def test_decode_buckets_pad_by_at_most_a_third_above_eight():
     from msjax.engine.batch import decode_bucket, decode_buckets
-    assert decode_buckets(64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
-    assert decode_buckets(20) == [1, 2, 4, 8, 12, 16, 20]  # the cap is a size of its own
+    assert decode_buckets(64) == [2, 4, 8, 12, 16, 24, 32, 48, 64]  # one sequence runs as two rows
+    assert decode_buckets(20) == [2, 4, 8, 12, 16, 20]  # the cap is a size of its own
+    assert decode_buckets(1) == [2]
     assert [decode_bucket(n, 64) for n in (3, 9, 13, 22, 40, 64)] == [4, 12, 16, 24, 48, 64]
     for cap in (1, 7, 16, 20, 64, 100):
         for n in range(1, cap + 1):
             size = decode_bucket(n, cap)
-            assert n <= size <= cap and size in decode_buckets(cap)
+            assert n <= size <= max(cap, 2) and size in decode_buckets(cap)
             if 8 < size < cap:  # under a third of the rows are padding (powers of two alone: up to half)
                 assert size - n < size / 3, (n, size)

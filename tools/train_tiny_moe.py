@@ -64,7 +64,8 @@ def windows(ids: np.ndarray, length: int, batch: int, rng: np.random.Generator) 
 
 def train(cfg: ModelConfig, ids: np.ndarray, steps: int, seed: int):
     rngs = nnx.Rngs(seed)
-    attention, experts = AttentionRole(cfg, rngs=rngs), ExpertRole(cfg, rngs=rngs)
+    # the reference expert path: the CPU custom call (msjax.models.cpu_experts) has no gradient
+    attention, experts = AttentionRole(cfg, rngs=rngs), ExpertRole(cfg, rngs=rngs, kernels="reference")
     graph_a, params_a = nnx.split(attention)
     graph_e, params_e = nnx.split(experts)
     length, batch, page_size = 128, 8, 16

@@ -21,17 +21,23 @@ def bucket(n: int, cap: int, smallest: int = 1) -> int:
     return min(size, cap)
 
 
+MIN_DECODE_ROWS = 2
+
+
 def decode_bucket(n: int, cap: int) -> int:
-    """Sequences of a decode step, padded: powers of two up to 8, then half-steps too (12, 16, 24, 32, 48, ...),
-    capped at `cap`. With the half-steps under a third of the rows are padding, not up to half: 3 micro-batches
-    of 64 sequences run 3 x 24 rows, not 3 x 32, and 40 running sequences 48, not 64."""
-    size = bucket(n, cap)  # <= cap already
+    """Sequences of a decode step, padded: powers of two from 2 up to 8, then half-steps too (12, 16, 24, 32,
+    48, ...), capped at `cap` (but never under MIN_DECODE_ROWS). With the half-steps under a third of the rows are
+    padding, not up to half: 3 micro-batches of 64 sequences run 3 x 24 rows, not 3 x 32, and 40 running
+    sequences 48, not 64. One sequence runs as two rows, the second padding: XLA:CPU compiles the one-row
+    program's matmuls into much slower code (measured on tiny-moe, 2026-12-07: a one-row decode step 3.3 ms,
+    the same step padded to two rows 0.66 ms, same tokens), and on a GPU a row more costs nothing."""
+    size = bucket(n, max(cap, MIN_DECODE_ROWS), smallest=MIN_DECODE_ROWS)
     return size * 3 // 4 if size > 8 and size * 3 // 4 >= n else size
 
 
 def decode_buckets(cap: int) -> list[int]:
     """Every size `decode_bucket` pads to, ascending."""
-    return sorted({decode_bucket(n, cap) for n in range(1, cap + 1)})
+    return sorted({decode_bucket(n, cap) for n in range(1, max(cap, 1) + 1)})
 
 
 def batch_shape(plan: StepPlan, *, max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, int, int]:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from msjax.config import ModelConfig
 from msjax.kv_cache import AttentionBatch, KVCache
+from msjax.models import cpu_experts
 from msjax.models.attention import paged_attention
 from msjax.models.layers import norm, rms_norm, route, swiglu
 from msjax.models.rope import apply_rope, rope_cos_sin, rope_frequencies
@@ -48,6 +49,24 @@ def _check_kernels(kernels: str) -> str:
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r}: expected one of {', '.join(KERNELS)}")
     return kernels
+
+
+SMALL_MATMUL_ROWS = 16  # up to this many rows a stacked layer weight is read in place (see _layer_matmul)
+
+
+def _layer_matmul(x: jax.Array, weights: nnx.Param, layer, kernels: str, out_dtype=None) -> jax.Array:
+    """x [rows, k] @ weights[layer] [k, n] (`weights` stacked [layers, k, n]). XLA:CPU copies a layer out of
+    stacked weights before its matmul; for a few rows (decode) that copy costs more than the matmul, so on the
+    CPU the native grouped matmul reads the layer in place (one group: every row). A state of one layer
+    (split_layers) needs no copy and takes the XLA dot, as do many rows (prefill), where XLA's dot is faster."""
+    wl = _weight_index(weights, layer)
+    stacked = weights.shape[0] > 1
+    if (stacked and x.shape[0] <= SMALL_MATMUL_ROWS and kernels == "auto" and jax.default_backend() == "cpu"
+            and cpu_experts.available()):
+        w = weights[...]
+        return cpu_experts.grouped_matmul(x, w.reshape(w.shape[0], 1, *w.shape[1:]), wl,
+                                          jnp.full((1,), x.shape[0], jnp.int32), out_dtype=out_dtype)
+    return jnp.dot(x, weights[wl], preferred_element_type=out_dtype)
 
 
 def _weight_index(weights: nnx.Param, layer):
@@ -111,7 +130,7 @@ class AttentionRole(nnx.Module):
         wl = _weight_index(self.input_norm, layer)
         with jax.named_scope("attention"):
             x = norm(h, self.input_norm[wl], cfg.norm_kind, cfg.norm_eps)
-            q, k, v = (jnp.dot(x, w[wl]) for w in (self.wq, self.wk, self.wv))
+            q, k, v = (_layer_matmul(x, w, layer, self.kernels) for w in (self.wq, self.wk, self.wv))
             if cfg.qkv_bias:
                 q, k, v = q + self.bq[wl], k + self.bk[wl], v + self.bv[wl]
             if cfg.clip_qkv is not None and not cfg.clip_after_qk_norm:
@@ -132,13 +151,13 @@ class AttentionRole(nnx.Module):
             kv = kv.write(layer, batch.slots(kv.page_size), k, v)
             o = paged_attention(q, kv, layer, batch, scale=cfg.head_dim ** -0.5, decode=decode,
                                 kernels=self.kernels)
-            o = jnp.dot(o.reshape(tokens, -1), self.wo[wl])
+            o = _layer_matmul(o.reshape(tokens, -1), self.wo, layer, self.kernels)
             if cfg.o_bias:
                 o = o + self.bo[wl]
             h = h + o
         with jax.named_scope("router"):
             x = norm(h, self.post_norm[wl], cfg.norm_kind, cfg.norm_eps)
-            router_logits = jnp.dot(x, self.router[wl], preferred_element_type=jnp.float32)
+            router_logits = _layer_matmul(x, self.router, layer, self.kernels, out_dtype=jnp.float32)
             topk_ids, topk_weights = route(router_logits, cfg.top_k, cfg.topk_norm_p)
         if cfg.has_shared_expert:
             with jax.named_scope("shared_expert"):
@@ -164,4 +183,8 @@ class ExpertRole(nnx.Module):
         """SwiGLU experts over rows x [rows, hidden] sorted by local expert, group_sizes [local experts]."""
         with jax.named_scope("experts"):
             wl = _weight_index(self.w_down, layer)
+            if self.kernels == "auto" and jax.default_backend() == "cpu" and cpu_experts.available():
+                # the stacked weights and the layer go to the custom call as they are: no layer slice copied,
+                # only the experts with rows read (msjax.models.cpu_experts)
+                return cpu_experts.grouped_ffn(x, group_sizes, self.w_gate_up[...], self.w_down[...], wl)
             return grouped_ffn(x, group_sizes, self.w_gate_up[wl], self.w_down[wl], **kernel_args(self.kernels))
