@@ -128,7 +128,8 @@ def main():
         rows = [r for row in rows for r in (row, peer[row["batch"]])]
     from msjax.models.families import read_config
     cfg = read_config(path)
-    if args.roofline if args.roofline is not None else args.model == "olmoe-2l":
+    roofline = args.roofline if args.roofline is not None else args.model == "olmoe-2l"
+    if roofline:
         bandwidth = copy_bandwidth()
         context = args.prompt_len + args.max_tokens // 2  # the median decode step's context
         nbytes = weight_bytes_read_per_token(cfg, context, 4 if args.dtype == "float32" else 2)
@@ -139,24 +140,18 @@ def main():
                 row["of_roofline"] = f"{roof_ms / row['step_ms']:.0%}"
         print(f"roofline: {nbytes / 1e6:.0f} MB per batch-1 step / {bandwidth / 1e9:.1f} GB/s copy = "
               f"{roof_ms:.1f} ms", flush=True)
-    for row in rows:
-        row["model"] = args.model
-        row.setdefault("roofline_ms", "")
-        row.setdefault("of_roofline", "")
-        row.setdefault("same_greedy", "")
-        row.setdefault("vs_hf", "")
-        row.setdefault("cache", "paged")
-    table = [{k: v for k, v in row.items() if k != "first_ids"} for row in rows]
+    blanks = {"roofline_ms": "", "of_roofline": "", "same_greedy": "", "vs_hf": "", "cache": "paged"}
+    table = [{"model": args.model, **blanks, **{k: v for k, v in row.items() if k != "first_ids"}} for row in rows]
     notes = (f"Model `{args.model}` ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts "
-             f"top-{cfg.top_k}, {args.dtype}); msjax: the colocated single-program model, reference attention and "
-             f"expert kernels; prompt {args.prompt_len} tokens, {args.max_tokens} output tokens, greedy, best of "
+             f"top-{cfg.top_k}, {args.dtype}); msjax: the colocated single-program model, reference attention, the "
+             f"experts through the native CPU grouped matmul; prompt {args.prompt_len} tokens, {args.max_tokens} output tokens, greedy, best of "
              f"three rounds per batch.")
     if args.peer == "hf":
         notes += (f" hf: {peer[sizes[0]]['version']}, `generate` with the {peer[sizes[0]]['cache']} KV cache, the "
                   f"same prompts and checkpoint; step time between two consecutive logits-processor calls. "
                   f"same greedy: the first request of the batch got the same {args.max_tokens} tokens from both. "
                   f"vs hf: msjax tok/s over hf tok/s.")
-    if "roofline_ms" in rows[0] and rows[0]["roofline_ms"] != "":
+    if roofline:
         notes += (" roofline (batch 1): the bytes a decode step must read (attention weights, the top-k routed "
                   "experts, embedding row, LM head, K/V) over the numpy copy bandwidth of a 1 GiB array measured "
                   "in this run; of roofline = roofline / step time.")

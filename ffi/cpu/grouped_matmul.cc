@@ -47,12 +47,15 @@ inline uint16_t FloatToBF16(float f) {  // round to nearest even, as XLA convert
   return static_cast<uint16_t>(bits >> 16);
 }
 
-template <typename W>
-inline float Load(const W* p, int64_t i);
+// Element conversions: float is stored as itself, bfloat16 as its uint16_t bits.
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t v) { return BF16ToFloat(v); }
+template <typename O>
+inline O FromFloat(float v);
 template <>
-inline float Load<float>(const float* p, int64_t i) { return p[i]; }
+inline float FromFloat<float>(float v) { return v; }
 template <>
-inline float Load<uint16_t>(const uint16_t* p, int64_t i) { return BF16ToFloat(p[i]); }
+inline uint16_t FromFloat<uint16_t>(float v) { return FloatToBF16(v); }
 
 // acc[r, 0:nc] += sum_k x[r, k] * w[k, 0:nc] for r < nr: w is [K, ld] row-major; each row of w is read once and
 // used for every row of x. The inner loop over columns vectorises (contiguous, no aliasing).
@@ -66,7 +69,7 @@ void Block(const float* __restrict x, int64_t K, const W* __restrict w, int64_t 
     for (int r = 0; r < kRows; ++r) {
       float* __restrict out = acc + r * kColBlock;
       const float ar = a[r];
-      for (int64_t j = 0; j < nc; ++j) out[j] += ar * Load(wk, j);
+      for (int64_t j = 0; j < nc; ++j) out[j] += ar * ToFloat(wk[j]);
     }
   }
 }
@@ -99,33 +102,19 @@ struct Work {
   std::condition_variable all_done;
 };
 
-template <typename T>
-void ToFloat(const T* src, int64_t n, float* dst);
-template <>
-void ToFloat<float>(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
-template <>
-void ToFloat<uint16_t>(const uint16_t* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = BF16ToFloat(src[i]);
-}
-
-template <typename T>
-void Store(const float* src, int64_t n, T* dst);
-template <>
-void Store<float>(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
-template <>
-void Store<uint16_t>(const float* src, int64_t n, uint16_t* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = FloatToBF16(src[i]);
-}
-
 // One item: rows [row0, row0 + rows) of group `group`, columns [col0, col0 + cols).
 template <typename T, typename O>
 void RunItem(const Item& it, const T* x, const T* w_layer, int64_t K, int64_t N, O* out) {
   alignas(64) float acc[kRowBlock * kColBlock];
   std::vector<float> xs(static_cast<size_t>(it.rows * K));  // the rows as float, [rows, K]
-  ToFloat<T>(x + it.row0 * K, it.rows * K, xs.data());
+  const T* xr = x + it.row0 * K;
+  for (int64_t i = 0; i < it.rows * K; ++i) xs[i] = ToFloat(xr[i]);
   std::fill(acc, acc + it.rows * kColBlock, 0.0f);
   BlockAnyRows<T>(xs.data(), it.rows, K, w_layer + it.group * K * N + it.col0, N, it.cols, acc);
-  for (int64_t r = 0; r < it.rows; ++r) Store<O>(acc + r * kColBlock, it.cols, out + (it.row0 + r) * N + it.col0);
+  for (int64_t r = 0; r < it.rows; ++r) {
+    O* dst = out + (it.row0 + r) * N + it.col0;
+    for (int64_t j = 0; j < it.cols; ++j) dst[j] = FromFloat<O>(acc[r * kColBlock + j]);
+  }
 }
 
 template <typename T, typename O>

@@ -36,8 +36,8 @@ def decode_bucket(n: int, cap: int) -> int:
 
 
 def decode_buckets(cap: int) -> list[int]:
-    """Every size `decode_bucket` pads to, ascending."""
-    return sorted({decode_bucket(n, cap) for n in range(1, max(cap, 1) + 1)})
+    """Every size `decode_bucket` pads to, ascending (what a server compiles before serving)."""
+    return sorted({decode_bucket(n, cap) for n in range(1, cap + 1)})
 
 
 def batch_shape(plan: StepPlan, *, max_num_seqs: int, max_num_batched_tokens: int) -> tuple[int, int, int]:

@@ -54,15 +54,19 @@ def _check_kernels(kernels: str) -> str:
 SMALL_MATMUL_ROWS = 16  # up to this many rows a stacked layer weight is read in place (see _layer_matmul)
 
 
+def _native_cpu(kernels: str) -> bool:
+    """Whether the native CPU grouped matmul (msjax.models.cpu_experts) takes this model's matmuls: kernels
+    "auto" on the CPU backend, with the native library built."""
+    return kernels == "auto" and jax.default_backend() == "cpu" and cpu_experts.available()
+
+
 def _layer_matmul(x: jax.Array, weights: nnx.Param, layer, kernels: str, out_dtype=None) -> jax.Array:
     """x [rows, k] @ weights[layer] [k, n] (`weights` stacked [layers, k, n]). XLA:CPU copies a layer out of
     stacked weights before its matmul; for a few rows (decode) that copy costs more than the matmul, so on the
     CPU the native grouped matmul reads the layer in place (one group: every row). A state of one layer
     (split_layers) needs no copy and takes the XLA dot, as do many rows (prefill), where XLA's dot is faster."""
     wl = _weight_index(weights, layer)
-    stacked = weights.shape[0] > 1
-    if (stacked and x.shape[0] <= SMALL_MATMUL_ROWS and kernels == "auto" and jax.default_backend() == "cpu"
-            and cpu_experts.available()):
+    if weights.shape[0] > 1 and x.shape[0] <= SMALL_MATMUL_ROWS and _native_cpu(kernels):
         w = weights[...]
         return cpu_experts.grouped_matmul(x, w.reshape(w.shape[0], 1, *w.shape[1:]), wl,
                                           jnp.full((1,), x.shape[0], jnp.int32), out_dtype=out_dtype)
@@ -183,7 +187,7 @@ class ExpertRole(nnx.Module):
         """SwiGLU experts over rows x [rows, hidden] sorted by local expert, group_sizes [local experts]."""
         with jax.named_scope("experts"):
             wl = _weight_index(self.w_down, layer)
-            if self.kernels == "auto" and jax.default_backend() == "cpu" and cpu_experts.available():
+            if _native_cpu(self.kernels):
                 # the stacked weights and the layer go to the custom call as they are: no layer slice copied,
                 # only the experts with rows read (msjax.models.cpu_experts)
                 return cpu_experts.grouped_ffn(x, group_sizes, self.w_gate_up[...], self.w_down[...], wl)
