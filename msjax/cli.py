@@ -111,12 +111,15 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, compile_cache=DEFAULT_DIR)  # the command line caches unless told not to
     print(f"loading {config.model} (plan: {config.plan})", file=sys.stderr)
 
+    def planned(choice):
+        print(f"plan: {choice.describe()} -- {choice.reason}", file=sys.stderr, flush=True)
+
     def listening(server):
         if config.warmup:
             print(f"listening on {server.grpc_address} (gRPC) and {server.http_address} (HTTP); compiling the "
                   "step shapes first (/health answers 503 \"loading\" until then)", file=sys.stderr, flush=True)
 
-    server = serve(config, progress=ProgressBar("loading weights"), on_listening=listening,
+    server = serve(config, progress=ProgressBar("loading weights"), on_listening=listening, on_plan=planned,
                    warmup_progress=ProgressBar("compiling step shapes", unit="steps"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -162,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve a model over gRPC and OpenAI-compatible HTTP")
     srv.add_argument("--config", metavar="FILE.toml", help="a ServeConfig TOML file (flags override it)")
     srv.add_argument("--model", help="HF checkpoint directory or preset name (default tiny-moe)")
-    srv.add_argument("--plan", help="a DeploymentPlan TOML file, 'default' (disaggregated over 8 devices) "
+    srv.add_argument("--plan", help="a DeploymentPlan TOML file, 'auto' (default: the planner's choice for the "
+                     "devices found; colocated on a CPU machine), 'disaggregated' (the demo over 8 host devices) "
                      "or 'colocated' (one device)")
     srv.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     srv.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0: any free port)")

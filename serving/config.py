@@ -22,9 +22,12 @@ from pathlib import Path
 from msjax.config import DeploymentPlan, EngineConfig
 from msjax.errors import ConfigError
 
-# The default plan: disaggregated over the 8 host devices the CLI forces on a CPU machine (2 attention replicas
-# of 2 devices each, 4 expert nodes of 1 device), the micro-batch ping-pong of the paper with m = 2.
-DEFAULT_PLAN = DeploymentPlan(attention_nodes=2, attention_tp=2, expert_nodes=4, expert_tp=1, micro_batches=2)
+# The disaggregated demo (`plan = "disaggregated"`): over the 8 host devices the server forces on a CPU machine
+# (2 attention replicas of 2 devices each, 4 expert nodes of 1 device), the micro-batch ping-pong of the paper
+# with m = 2. Not the default: "auto" (msjax.planner.local) picks the plan for the hardware at hand.
+DISAGGREGATED_DEMO_PLAN = DeploymentPlan(attention_nodes=2, attention_tp=2, expert_nodes=4, expert_tp=1,
+                                         micro_batches=2)
+PLAN_NAMES = ("auto", "disaggregated", "colocated")
 
 
 def _port(obj, name):
@@ -36,9 +39,10 @@ def _port(obj, name):
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     model: str = "tiny-moe"  # preset name or HF checkpoint directory
-    # a DeploymentPlan, the path of its TOML file, "default" (DEFAULT_PLAN: disaggregated over 8 devices) or
-    # "colocated" (one device, one program)
-    plan: DeploymentPlan | str | os.PathLike | None = "default"
+    # a DeploymentPlan, the path of its TOML file, "auto" (the planner's choice for the devices found; on a CPU
+    # machine colocated), "disaggregated" (DISAGGREGATED_DEMO_PLAN, over 8 host devices) or "colocated" (one
+    # device, one program)
+    plan: DeploymentPlan | str | os.PathLike | None = "auto"
     host: str = "127.0.0.1"  # "0.0.0.0" to listen on all interfaces
     grpc_port: int = 50051  # 0: any free port (the handle's grpc_address tells which)
     http_port: int = 8000  # 0: any free port; -1 turns the HTTP API off
@@ -90,6 +94,9 @@ class ServeConfig:
             raise ConfigError("compile_cache", f"must be a directory or unset, got {self.compile_cache!r}")
         if not isinstance(self.drain_timeout_s, (int, float)) or self.drain_timeout_s < 0:
             raise ConfigError("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s!r}")
+        if self.plan == "default":  # the name of the demo plan until it stopped being the default
+            raise ConfigError("plan", "'default' is no longer a plan name: 'auto' (the planner's choice for this "
+                              "machine, the default) or 'disaggregated' (the 8-device demo)")
         if not isinstance(self.engine, dict):
             raise ConfigError("engine", f"must be a table of EngineConfig fields, got {self.engine!r}")
         known = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -102,17 +109,32 @@ class ServeConfig:
     def name(self) -> str:
         return self.served_model_name or self.model
 
-    def resolved_plan(self) -> DeploymentPlan | None:
+    @property
+    def needs_host_devices(self) -> bool:
+        """Whether the plan may need more than one XLA host device on a CPU machine (the server then forces
+        eight before JAX starts); "auto" plans for what it finds, so it never does."""
+        return self.plan not in (None, "auto", "colocated")
+
+    def plan_choice(self, devices=None):
+        """The plan and why (msjax.planner.local.PlanChoice); "auto" asks the planner about `devices` (default:
+        jax.devices(), which starts JAX's backend)."""
+        from msjax.planner.local import PlanChoice, choose_plan
         plan = self.plan
+        if plan == "auto":
+            from msjax.planner.search import resolve_model
+            return choose_plan(resolve_model(self.model), devices)
         if plan is None or plan == "colocated":
-            return None
-        if plan == "default":
-            return DEFAULT_PLAN
+            return PlanChoice(None, "asked for: plan = colocated")
+        if plan == "disaggregated":
+            return PlanChoice(DISAGGREGATED_DEMO_PLAN, "asked for: plan = disaggregated (the 8-device demo)")
         if isinstance(plan, DeploymentPlan):
-            return plan
+            return PlanChoice(plan, "asked for: the given DeploymentPlan")
         if not Path(plan).is_file():
-            raise ConfigError("plan", f"{plan} is neither 'default', 'colocated' nor a plan file")
-        return DeploymentPlan.load(plan)
+            raise ConfigError("plan", f"{plan} is neither {', '.join(map(repr, PLAN_NAMES))} nor a plan file")
+        return PlanChoice(DeploymentPlan.load(plan), f"asked for: plan file {plan}")
+
+    def resolved_plan(self, devices=None) -> DeploymentPlan | None:
+        return self.plan_choice(devices).plan
 
     @classmethod
     def from_toml(cls, text: str, **overrides) -> "ServeConfig":

@@ -29,10 +29,12 @@ class Server:
     """A running server: `grpc_address` ("host:port"), `http_address` ("http://host:port", None when off),
     `engine`, `metrics`; `stop()`, `wait()`; a context manager that stops on exit."""
 
-    def __init__(self, config: ServeConfig, engine=None, progress=None, warmup_progress=None, on_listening=None):
+    def __init__(self, config: ServeConfig, engine=None, progress=None, warmup_progress=None, on_listening=None,
+                 on_plan=None):
         """`progress(done, total)`: weight loading in bytes; `warmup_progress(done, total)`: the warm-up's step
         shapes; `on_listening(server)`: called once both front ends listen, before the warm-up (the addresses
-        are known, `/health` still answers "loading")."""
+        are known, `/health` still answers "loading"); `on_plan(choice)`: the plan chosen and why
+        (msjax.planner.local.PlanChoice), before the weights load."""
         from msjax.engine.engine import Engine
         from msjax.loading import resolve_model_path
         from msjax.runtime.host_devices import ensure_host_devices
@@ -45,9 +47,15 @@ class Server:
         if config.compile_cache is not None:  # before anything compiles, and before node processes start
             from msjax.runtime import compile_cache
             compile_cache.enable(config.compile_cache)
+        self.plan_choice = None  # the plan and why; None when an engine was given
         if engine is None:
-            ensure_host_devices()  # eight host devices for the default plan on a CPU machine
-            engine = Engine.from_pretrained(config.model, plan=config.resolved_plan(), progress=progress,
+            if config.needs_host_devices:
+                ensure_host_devices()  # eight host devices, so a plan of up to 8 devices runs on a CPU machine
+            self.plan_choice = config.plan_choice()
+            log.info("plan: %s (%s)", self.plan_choice.describe(), self.plan_choice.reason)
+            if on_plan is not None:
+                on_plan(self.plan_choice)
+            engine = Engine.from_pretrained(config.model, plan=self.plan_choice.plan, progress=progress,
                                             **config.engine)
             model_path = resolve_model_path(config.model)
         else:
@@ -152,8 +160,8 @@ class Server:
 
 
 def serve(config: ServeConfig | None = None, *, engine=None, progress=None, warmup_progress=None,
-          on_listening=None) -> Server:
+          on_listening=None, on_plan=None) -> Server:
     """Load the model (or use `engine`), start the gRPC and HTTP front ends, warm up (`config.warmup`) and return
     the running, ready `Server`."""
     return Server(config or ServeConfig(), engine=engine, progress=progress, warmup_progress=warmup_progress,
-                  on_listening=on_listening)
+                  on_listening=on_listening, on_plan=on_plan)

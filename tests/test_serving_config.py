@@ -14,7 +14,7 @@ import pytest
 
 import msjax
 from msjax import ConfigError, DeploymentPlan
-from serving.config import DEFAULT_PLAN, ServeConfig
+from serving.config import DISAGGREGATED_DEMO_PLAN, ServeConfig
 from serving.proto.msjax.v1 import decode_pb2, decode_pb2_grpc
 from tests.serving_utils import http, poll
 
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("tls_cert", dict(tls_cert="/nonexistent.pem", tls_key=__file__)),
     ("api_token", dict(api_token="")),
     ("warmup", dict(warmup="yes")),
+    ("plan", dict(plan="default")),  # the demo's old name: the error says what to use instead
     ("engine.max_num_sequences", dict(engine={"max_num_sequences": 4})),
     ("max_num_seqs", dict(engine={"max_num_seqs": 0})),
 ])
@@ -44,8 +45,11 @@ def test_serve_config_errors_name_the_field(field, kwargs):
 
 def test_serve_config_defaults_and_toml(tmp_path):
     config = msjax.ServeConfig()
-    assert (config.model, config.host, config.resolved_plan()) == ("tiny-moe", "127.0.0.1", DEFAULT_PLAN)
-    assert DEFAULT_PLAN.num_devices == 8 and not DEFAULT_PLAN.is_colocated
+    assert (config.model, config.host, config.plan) == ("tiny-moe", "127.0.0.1", "auto")
+    assert config.resolved_plan() is None and not config.needs_host_devices  # CPU only here: colocated
+    demo = ServeConfig(plan="disaggregated")
+    assert demo.resolved_plan() == DISAGGREGATED_DEMO_PLAN and demo.needs_host_devices
+    assert DISAGGREGATED_DEMO_PLAN.num_devices == 8 and not DISAGGREGATED_DEMO_PLAN.is_colocated
     assert config.api_token is None and config.tls_cert is None  # security is opt-in
     assert config.warmup is True  # the first request is as fast as the tenth
     text = """
@@ -212,13 +216,17 @@ def test_warm_start_reports_loading_then_compiles_nothing_after_ready():
 # --- the command line, on its defaults (the disaggregated plan over 8 host devices) ---
 
 @pytest.mark.slow
-def test_msjax_serve_cli_default_plan(tmp_path):
+@pytest.mark.parametrize("plan_flag", [(), ("--plan", "disaggregated")], ids=["auto", "disaggregated"])
+def test_msjax_serve_cli_plans(tmp_path, plan_flag):
+    """The default plan is the planner's choice for this machine (CPU only: colocated), printed with its reason;
+    the disaggregated demo is one flag away."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets the device count itself
-    # --no-warmup: the default plan's warm-up compiles 78 steps' programs (3.5 min on 2 cores); the warm-up itself
+    # --no-warmup: the demo plan's warm-up compiles 78 steps' programs (3.5 min on 2 cores); the warm-up itself
     # is tested in-process (test_warm_start_..., the soak) and measured by bench/serve_warm_start.py
+    stderr = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen([sys.executable, "-m", "msjax", "serve", "--grpc-port", "0", "--http-port", "0",
-                             "--no-warmup", "--compile-cache", str(tmp_path / "xla")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             "--no-warmup", "--compile-cache", str(tmp_path / "xla"), *plan_flag],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         lines = []
         poll(lambda: lines.append(proc.stdout.readline()) or "Ctrl-C" in lines[-1] or proc.poll() is not None,
@@ -230,7 +238,13 @@ def test_msjax_serve_cli_default_plan(tmp_path):
         assert grpc_address.startswith("127.0.0.1:") and "curl" in banner and "grpcurl" in banner
         with grpc.insecure_channel(grpc_address) as channel:
             info = decode_pb2_grpc.DecodeStub(channel).ModelInfo(decode_pb2.ModelInfoRequest(), timeout=30)
-        assert DeploymentPlan.from_toml(info.plan) == DEFAULT_PLAN
+        said = (tmp_path / "stderr.txt").read_text()
+        if plan_flag:
+            assert DeploymentPlan.from_toml(info.plan) == DISAGGREGATED_DEMO_PLAN
+            assert "plan: attention 2x2" in said and "asked for: plan = disaggregated" in said, said
+        else:
+            assert info.plan == ""  # one device, one program (decode.proto)
+            assert "plan: colocated (one device, one program) -- CPU only" in said, said
         status, body = http("POST", http_address + "/v1/completions",
                             {"model": "tiny-moe", "prompt": "Beautiful is better than", "max_tokens": 3,
                              "temperature": 0}, timeout=300)
@@ -243,6 +257,7 @@ def test_msjax_serve_cli_default_plan(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        stderr.close()
 
 
 def test_chat_template_from_tokenizer_config(tmp_path):
