@@ -16,15 +16,14 @@ Results go to bench/results/serve-load-<hardware>-<date>.md (and .json).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import codecs
-import http.client
 import json
 import os
+import resource
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -37,85 +36,113 @@ def _zen() -> str:
     return codecs.decode(this.s, "rot13")
 
 
-def grpc_stream(address: str, prompt: str, max_tokens: int, timeout: float):
-    """Yield (time, number of new tokens) per streamed response."""
-    import grpc
+class GrpcClient:
+    """One grpc.aio channel for every client task (HTTP/2 streams over one connection, as a gRPC client
+    library shares its channel)."""
 
-    from serving.proto.msjax.v1 import decode_pb2, decode_pb2_grpc
-    channel = getattr(_local, "channel", None)
-    if channel is None:
-        channel = _local.channel = grpc.insecure_channel(address)
-        _local.stub = decode_pb2_grpc.DecodeStub(channel)
-    request = decode_pb2.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    for response in _local.stub.Generate(request, timeout=timeout):
-        yield time.perf_counter(), len(response.token_ids)
+    def __init__(self, address: str):
+        import grpc
 
+        from serving.proto.msjax.v1 import decode_pb2, decode_pb2_grpc
+        self.request_type = decode_pb2.GenerateRequest
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = decode_pb2_grpc.DecodeStub(self.channel)
 
-def http_stream(address: str, prompt: str, max_tokens: int, timeout: float):
-    url = urllib.parse.urlparse(address)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                       "stream": True, "stream_options": {"include_usage": True}})
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
-    for line in response:
-        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-            continue
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):  # the final usage chunk: the token count so far is exact
-            continue
-        # SSE chunks carry text; a chunk that holds back a partial character still stands for one step's token
-        yield time.perf_counter(), 1
-    conn.close()
+    async def stream(self, prompt: str, max_tokens: int, timeout: float):
+        """Yield (time, number of new tokens) per streamed response."""
+        request = self.request_type(prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        async for response in self.stub.Generate(request, timeout=timeout):
+            yield time.perf_counter(), len(response.token_ids)
+
+    async def close(self):
+        await self.channel.close()
 
 
-_local = threading.local()
+class HttpClient:
+    """An aiohttp session with a connection per client task (OpenAI's streaming completions, SSE)."""
+
+    def __init__(self, address: str, clients: int):
+        import aiohttp
+        self.address = address.rstrip("/")
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients))
+
+    async def stream(self, prompt: str, max_tokens: int, timeout: float):
+        import aiohttp
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        chunks, last = 0, None
+        async with self.session.post(self.address + "/v1/completions", json=body,
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:200]!r}")
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):  # the final usage chunk: the exact count; the tokens the chunks did not
+                    # count (a client that lagged gets several tokens in one chunk) are put at the last chunk's
+                    # time, which leaves TTFT and TPOT (first and last token times, count) exact
+                    extra = chunk["usage"]["completion_tokens"] - chunks
+                    if extra > 0 and last is not None:
+                        yield last, extra
+                    continue
+                # SSE chunks carry text, not token ids: one chunk per delivery, at least one token each
+                last = time.perf_counter()
+                chunks += 1
+                yield last, 1
+
+    async def close(self):
+        await self.session.close()
+
+
+def summarize(protocol: str, clients: int, requests: int, errors: int, tokens: int, wall: float, ttft: list,
+              tpot: list) -> dict:
+    ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
+    return {"protocol": protocol, "clients": clients, "requests": requests - errors, "errors": errors,
+            "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round((requests - errors) / wall, 2),
+            "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "tpot_p50_ms": ms(tpot, 50),
+            "tpot_p99_ms": ms(tpot, 99), "wall_s": round(wall, 2)}
 
 
 def run_level(protocol: str, address: str, clients: int, requests: int, prompt: str, max_tokens: int,
               timeout: float) -> dict:
-    stream = grpc_stream if protocol == "grpc" else http_stream
-    lock = threading.Lock()
+    """`clients` closed-loop clients (each sends its next request when the last one finished) as tasks of one
+    asyncio loop, so the load generator costs the shared cores little (threads of blocking clients cost ~130 µs
+    of CPU per token here, most of it in the interpreter lock and thread switches)."""
+    return asyncio.run(_run_level(protocol, address, clients, requests, prompt, max_tokens, timeout))
+
+
+async def _run_level(protocol, address, clients, requests, prompt, max_tokens, timeout) -> dict:
+    client = GrpcClient(address) if protocol == "grpc" else HttpClient(address, clients)
     remaining = [requests]
     ttft, tpot, tokens, errors = [], [], [0], []
 
-    def client():
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    return
-                remaining[0] -= 1
+    async def one_client():
+        while remaining[0] > 0:
+            remaining[0] -= 1
             start = time.perf_counter()
             times = []
             try:
-                for t, n in stream(address, prompt, max_tokens, timeout):
+                async for t, n in client.stream(prompt, max_tokens, timeout):
                     times += [t] * n
             except Exception as err:  # noqa: BLE001 - counted, reported
                 errors.append(repr(err))
                 continue
-            with lock:
-                tokens[0] += len(times)
-                if times:
-                    ttft.append(times[0] - start)
-                if len(times) > 1:
-                    tpot.append((times[-1] - times[0]) / (len(times) - 1))
+            tokens[0] += len(times)
+            if times:
+                ttft.append(times[0] - start)
+            if len(times) > 1:
+                tpot.append((times[-1] - times[0]) / (len(times) - 1))
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    finally:
+        await client.close()
     if errors:
         print(f"  {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
-    ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
-    return {"protocol": protocol, "clients": clients, "requests": requests - len(errors), "errors": len(errors),
-            "tokens_per_s": round(tokens[0] / wall, 1), "requests_per_s": round((requests - len(errors)) / wall, 2),
-            "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "tpot_p50_ms": ms(tpot, 50),
-            "tpot_p99_ms": ms(tpot, 99), "wall_s": round(wall, 2)}
+    return summarize(protocol, clients, requests, len(errors), tokens[0], wall, ttft, tpot)
 
 
 def engine_level(engine, clients: int, requests: int, prompt: str, max_tokens: int) -> dict:
@@ -150,12 +177,21 @@ def engine_level(engine, clients: int, requests: int, prompt: str, max_tokens: i
                     tpot.append((t[-1] - t[0]) / (len(t) - 1))
                 if next_id < requests:
                     add()
-    wall = time.perf_counter() - wall_start
-    ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
-    return {"protocol": "engine", "clients": clients, "requests": requests, "errors": 0,
-            "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(requests / wall, 2),
-            "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "tpot_p50_ms": ms(tpot, 50),
-            "tpot_p99_ms": ms(tpot, 99), "wall_s": round(wall, 2)}
+    row = summarize("engine", clients, requests, 0, tokens, time.perf_counter() - wall_start, ttft, tpot)
+    row["client_cpu_s"] = None
+    return row
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, every thread) of this process, or of `pid` (read from /proc; 0 if unreadable)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def compare_with_engine(rows: list[dict]) -> None:
@@ -186,7 +222,9 @@ def raw_engine_rows(args, prompt: str, levels: list[int]) -> tuple[list[dict], s
     try:
         for clients in levels:
             engine_level(engine, clients, args.warmup_requests or 2 * clients, prompt, args.max_tokens)
+            cpu = cpu_seconds()
             row = engine_level(engine, clients, max(args.requests, clients), prompt, args.max_tokens)
+            row["server_cpu_s"] = round(cpu_seconds() - cpu, 2)  # the engine's process: what a server would use
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -260,8 +298,11 @@ def main(argv=None) -> int:
             for clients in levels:
                 run_level(protocol, address, clients, args.warmup_requests or 2 * clients, prompt, args.max_tokens,
                           args.timeout)  # warm-up, unmeasured
+                client_cpu, server_cpu = cpu_seconds(), cpu_seconds(proc.pid if proc else None)
                 row = run_level(protocol, address, clients, max(args.requests, clients), prompt, args.max_tokens,
                                 args.timeout)
+                row["client_cpu_s"] = round(cpu_seconds() - client_cpu, 2)
+                row["server_cpu_s"] = round(cpu_seconds(proc.pid) - server_cpu, 2) if proc else None
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -278,18 +319,22 @@ def main(argv=None) -> int:
         columns = [("protocol", "protocol"), ("clients", "clients"), ("requests", "requests"),
                    ("tokens_per_s", "output tok/s"), ("of_engine", "of engine tok/s"), ("requests_per_s", "req/s"),
                    ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("tpot_p50_ms", "TPOT p50 ms"),
-                   ("tpot_p99_ms", "TPOT p99 ms"), ("tpot_vs_engine", "TPOT vs engine"), ("errors", "errors")]
+                   ("tpot_p99_ms", "TPOT p99 ms"), ("tpot_vs_engine", "TPOT vs engine"), ("wall_s", "wall s"),
+                   ("server_cpu_s", "server CPU s"), ("client_cpu_s", "clients' CPU s"), ("errors", "errors")]
         for r in rows:
             r.setdefault("of_engine", "")
             r.setdefault("tpot_vs_engine", "")
+            r.update({k: "" for k in ("server_cpu_s", "client_cpu_s") if r.get(k) is None})
         plan = args.plan or "auto"
         where = "a running server" if proc is None else \
             f"`msjax serve --warmup --plan {plan}` ({args.config or 'tiny-moe'}; the plan chosen: {engine_plan})"
         notes = (f"Server: {where}. Each request streams {args.max_tokens} tokens (greedy, ignore_eos) from a "
                  f"{len(prompt)}-character prompt; each level first runs {args.warmup_requests or '2x clients'} "
                  "unmeasured requests (first-seen step shapes compile there, not in the measurement). Clients are "
-                 "threads of a separate process on the same machine. TTFT is measured from sending the request; "
-                 "TPOT is the mean gap between a request's tokens after its first. `engine` rows: the same model, "
+                 "asyncio tasks (grpc.aio, aiohttp) of a separate process on the same machine, sharing its cores "
+                 "with the server (`clients' CPU s`: the load generator's CPU time during the level; `server CPU "
+                 "s`: the server process's, all threads). TTFT is measured from sending the request; TPOT is the "
+                 "mean gap between a request's tokens after its first. `engine` rows: the same model, "
                  "plan and engine options as an Engine in the benchmark's process after the server stopped, "
                  "`clients` requests kept in flight (a finished one replaced at once), stepped with no server "
                  "around it: what serving costs is the gap between a protocol's row and the engine row of the "

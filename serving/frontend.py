@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import threading
 
 from msjax.engine.engine import Engine, RequestDelta
 from msjax.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -17,9 +18,54 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
                    "logprobs")
 
 
+class Mailbox:
+    """Hands items from the engine-loop thread to queues on one asyncio loop with one wake-up per batch: a step's
+    deltas for every streaming request cost one self-pipe write and one callback, not one of each per request
+    (what `call_soon_threadsafe` per item costs on the loop thread's core)."""
+
+    def __init__(self, aio: asyncio.AbstractEventLoop):
+        self._aio = aio
+        self._lock = threading.Lock()
+        self._items: list = []  # (queue, item), in the order posted
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            wake = len(self._items) == 1  # else a drain is scheduled already and will take this item too
+        if wake:
+            self._aio.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+def _mailbox(aio: asyncio.AbstractEventLoop) -> Mailbox:
+    box = getattr(aio, "_msjax_mailbox", None)
+    if box is None:
+        box = aio._msjax_mailbox = Mailbox(aio)
+    return box
+
+
+def merge_deltas(first: RequestDelta, later: list[RequestDelta]) -> RequestDelta:
+    """One delta that stands for `first` and the `later` ones of the same request, in order: their tokens,
+    text and logprobs joined, finished as the last one says."""
+    deltas = [first, *later]
+    last = deltas[-1]
+    text = None if first.text is None else "".join(d.text or "" for d in deltas)
+    logprobs = None if any(d.logprobs is None for d in deltas if d.token_ids) else \
+        [lp for d in deltas for lp in (d.logprobs or [])]
+    return RequestDelta(first.request_id, [t for d in deltas for t in d.token_ids], text, logprobs, last.finished,
+                        last.finish_reason)
+
+
 class RequestStream:
     """The deltas of one submitted request, for `async for`. `close()` (or leaving the loop early, or the
-    consuming task being cancelled) aborts the request if it is unfinished."""
+    consuming task being cancelled) aborts the request if it is unfinished. A consumer that falls behind the
+    engine gets the deltas waiting for it as one (several tokens in one message), so a slow connection costs
+    fewer messages instead of more; a consumer that keeps up gets one delta per step."""
 
     def __init__(self, frontend: "Frontend", request_id: str, prompt_ids: list[int], sampling: SamplingParams):
         self.request_id = request_id
@@ -28,10 +74,11 @@ class RequestStream:
         self.finished = False
         self._loop = frontend.loop
         self._queue: asyncio.Queue = asyncio.Queue()
-        aio = asyncio.get_running_loop()
+        self._held: Exception | None = None
+        box, queue = _mailbox(asyncio.get_running_loop()), self._queue
 
-        def sink(item, put=self._queue.put_nowait):
-            aio.call_soon_threadsafe(put, item)
+        def sink(item):
+            box.post(queue, item)
 
         self._loop.submit(request_id, prompt_ids, sampling, sink)
 
@@ -41,14 +88,26 @@ class RequestStream:
     async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:
-            self.close()
-            raise
+        if self._held is not None:  # an error that arrived behind deltas: after them, on its own
+            item, self._held = self._held, None
+        else:
+            try:
+                item = await self._queue.get()
+            except BaseException:
+                self.close()
+                raise
         if isinstance(item, Exception):
             self.finished = True
             raise item
+        later = []
+        while not (later[-1] if later else item).finished and not self._queue.empty():
+            more = self._queue.get_nowait()
+            if isinstance(more, Exception):
+                self._held = more
+                break
+            later.append(more)
+        if later:
+            item = merge_deltas(item, later)
         if item.finished:
             self.finished = True
         return item
