@@ -220,6 +220,7 @@ def raw_engine_rows(args, prompt: str, levels: list[int]) -> tuple[list[dict], s
     engine = Engine.from_pretrained(config.model, plan=choice.plan, **config.engine)
     rows = []
     try:
+        engine.warm_up()  # every step shape, as the server's --warmup: no compile inside a measured level
         for clients in levels:
             engine_level(engine, clients, args.warmup_requests or 2 * clients, prompt, args.max_tokens)
             cpu = cpu_seconds()
