@@ -1,0 +1,149 @@
+"""Where a small decode step's time goes (issue 20 part 3): the engine's host work against the program itself.
+
+    .venv/bin/python -m bench.step_overhead                      # tiny-moe, batch 1 and 8
+    .venv/bin/python -m bench.step_overhead --model olmoe-2l --batches 1,8,32
+
+One Engine (colocated, one device, the default options), `batch` requests decoding together (greedy, ignore_eos);
+after a warm-up, each phase of `Engine.step` is timed over `--steps` decode steps: `schedule` (the scheduler
+picks the step's sequences and pages), `build` (the fixed-shape host arrays), `dispatch` (the jitted step call
+returning: argument handling and enqueueing the program, which runs asynchronously), `wait` (until the sampled
+tokens are on the host: the program's remaining run time), `postprocess` (tokens appended, stop checks,
+detokenization, deltas) and `other` (the rest of `step`). Then the same program alone: the step's jitted call on
+the same inputs back to back, blocking on each result (`program`: what a step would cost with no host work).
+Also counted: compiles during the measured steps (the jit cache size before and after: must be 0). A step has one
+device-to-host transfer, the sampled tokens (ColocatedRunner.step), and sampling runs inside the program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("schedule", "build", "dispatch", "wait", "postprocess", "other")
+
+
+class PhaseTimer:
+    """Wraps the functions Engine.step calls, adding each call's wall time to its phase."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.steps = 0
+        self.active = False
+
+    def wrap(self, owner, name: str, phase: str) -> None:
+        original = getattr(owner, name)
+        timer = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if timer.active:
+                    timer.totals[phase] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+def measure(engine, batch: int, steps: int, prompt: list[int]) -> dict:
+    import jax
+    import numpy as np
+
+    from msjax.engine import engine as engine_module
+    from msjax.engine.sampling_params import SamplingParams
+    from msjax.runtime import colocated
+
+    sampling = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"b{batch}-{i}", prompt, sampling)
+    while any(not s.is_decoding for r in engine.replicas for s in r.scheduler.running) or \
+            any(r.scheduler.waiting for r in engine.replicas):
+        engine.step()  # prefill
+    for _ in range(5):
+        engine.step()  # warm decode steps (compiled by now)
+
+    timer = PhaseTimer()
+    runner = engine.runner
+    replica = engine.replicas[0]
+    timer.wrap(replica.scheduler, "schedule", "schedule")
+    timer.wrap(engine_module, "split_micro_batches", "build")
+    timer.wrap(engine_module, "build_micro_batches", "build")
+    timer.wrap(runner, "_run_one", "dispatch")
+    timer.wrap(runner, "step", "wait")  # minus dispatch below: the runner's step is dispatch + the host copy
+    timer.wrap(engine, "_postprocess", "postprocess")
+    compiled_before = colocated._step._cache_size()
+    totals = []
+    timer.active = True
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        totals.append(time.perf_counter() - start)
+    timer.active = False
+    compiles = colocated._step._cache_size() - compiled_before
+    per_step = {k: 1e3 * v / steps for k, v in timer.totals.items()}
+    per_step["wait"] -= per_step["dispatch"]
+    step_ms = 1e3 * statistics.median(totals)
+    mean_ms = 1e3 * statistics.mean(totals)
+    per_step["other"] = mean_ms - sum(per_step[k] for k in PHASES if k != "other")
+
+    # the program alone: the next step's batch, run back to back (the KV pool is donated and taken back each call)
+    captured = []
+    run_one = runner._run_one
+    runner._run_one = lambda b: captured.append(b) or run_one(b)
+    engine.step()
+    runner._run_one = run_one
+    b = captured[-1]
+    program = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(run_one(b))
+        program.append(time.perf_counter() - start)
+    for i in range(batch):
+        engine.abort(f"b{batch}-{i}")
+    engine.step()
+    program_ms = 1e3 * statistics.median(program)
+    return dict(batch=batch, step_ms=round(step_ms, 3), mean_step_ms=round(mean_ms, 3),
+                **{f"{k}_ms": round(per_step[k], 3) for k in PHASES}, program_ms=round(program_ms, 3),
+                host_ms=round(mean_ms - program_ms, 3), host_share=f"{(mean_ms - program_ms) / mean_ms:.0%}",
+                compiles=compiles, steps=steps, rows=int(np.asarray(b.tokens).shape[0]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-moe", help="preset, HF directory, or olmoe-2l")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from msjax.engine.engine import Engine
+    model = args.model
+    if model == "olmoe-2l":
+        from bench.hf_models import model_dir
+        model = str(model_dir(model))
+    engine = Engine.from_pretrained(model)
+    prompt = list(range(1, 17))  # 16 token ids: any vocabulary has them
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        row = measure(engine, batch, args.steps, prompt)
+        row["model"] = args.model
+        rows.append(row)
+        print(row, flush=True)
+    if not args.no_write:
+        from bench.common import write_results
+        columns = [("model", "model"), ("batch", "batch"), ("rows", "rows"), ("step_ms", "step p50 ms"),
+                   ("mean_step_ms", "step mean ms"), *[(f"{k}_ms", f"{k} ms") for k in PHASES],
+                   ("program_ms", "program alone ms"), ("host_ms", "host ms (mean - program)"),
+                   ("host_share", "host share"), ("compiles", "compiles"), ("steps", "steps")]
+        notes = (__doc__.split("\n\n", 2)[2].strip() + "\n\nPhases are means per step (ms); `step mean` is their "
+                 "sum. `host ms` = step mean minus the program alone: what the engine adds around the program.")
+        print("wrote", write_results(f"step-overhead-{args.model}", rows, columns, notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
