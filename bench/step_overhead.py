@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny-moe", help="preset, HF directory, or olmoe-2l")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--max-model-len", default="default",
+                        help="comma-separated EngineConfig.max_model_len values to run each batch under ('default': "
+                             "the model's context); decode reads the page table's full width, so it matters")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -126,17 +129,20 @@ def main(argv=None) -> int:
     if model == "olmoe-2l":
         from bench.hf_models import model_dir
         model = str(model_dir(model))
-    engine = Engine.from_pretrained(model)
     prompt = list(range(1, 17))  # 16 token ids: any vocabulary has them
     rows = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        row = measure(engine, batch, args.steps, prompt)
-        row["model"] = args.model
-        rows.append(row)
-        print(row, flush=True)
+    for length in args.max_model_len.split(","):
+        options = {} if length == "default" else {"max_model_len": int(length)}
+        engine = Engine.from_pretrained(model, **options)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            row = measure(engine, batch, args.steps, prompt)
+            row.update(model=args.model, max_model_len=engine.max_model_len)
+            rows.append(row)
+            print(row, flush=True)
+        engine.close()
     if not args.no_write:
         from bench.common import write_results
-        columns = [("model", "model"), ("batch", "batch"), ("rows", "rows"), ("step_ms", "step p50 ms"),
+        columns = [("model", "model"), ("max_model_len", "max_model_len"), ("batch", "batch"), ("rows", "rows"), ("step_ms", "step p50 ms"),
                    ("mean_step_ms", "step mean ms"), *[(f"{k}_ms", f"{k} ms") for k in PHASES],
                    ("program_ms", "program alone ms"), ("host_ms", "host ms"),
                    ("host_share", "host share"), ("compiles", "compiles"), ("steps", "steps")]
