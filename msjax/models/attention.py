@@ -1,9 +1,10 @@
 """Attention over the paged KV cache for both step kinds.
 
-Decode steps (one token per sequence) go through `paged_gqa_decode` (the Pallas kernel on Hopper GPUs, its
-reference elsewhere); prefill steps (whole
-prompts or chunks, several sequences in one flat token batch) use `paged_prefill_attention`, a plain-jnp
-causal attention that reads each token's sequence from the pages.
+Decode steps (one token per sequence) go through `paged_gqa_decode`'s Pallas kernel on Hopper GPUs; elsewhere
+decode, and prefill steps (whole prompts or chunks, several sequences in one flat token batch) everywhere, use
+`blocked_paged_attention`, which reads only the blocks of context the batch's rows hold. `paged_prefill_attention`
+(and the decode kernel's reference) read the page table's full width: the references, under
+kernels="reference".
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from msjax.kv_cache import AttentionBatch, KVCache
+from msjax.models.blocked_attention import blocked_paged_attention
 from pallas_kernels.paged_gqa_decode import paged_gqa_decode
-from pallas_kernels.platform import kernel_args
+from pallas_kernels.platform import is_hopper, kernel_args
 
 
 def paged_prefill_attention(
@@ -54,11 +56,15 @@ def paged_attention(q: jax.Array, kv: KVCache, layer: jax.Array, batch: Attentio
                     decode: bool, kernels: str = "auto") -> jax.Array:
     """Attention of q [tokens, q_heads, head_dim] for one layer whose new K/V are already written.
 
-    kernels: "auto" (the Pallas kernel on Hopper GPUs, the reference elsewhere), "kernel", "reference", or
-    "interpret" (the kernel under the Mosaic GPU interpreter, for CPU tests)."""
+    kernels: "auto" (decode: the Pallas kernel on Hopper GPUs; otherwise `blocked_paged_attention`), "kernel",
+    "reference" (both references), or "interpret" (the decode kernel under the Mosaic GPU interpreter, for CPU
+    tests)."""
     page_table = batch.page_table + layer * kv.pages_per_layer
-    if decode:
-        lengths = jnp.where(batch.positions >= 0, batch.positions + 1, 0)
+    lengths = jnp.where(batch.positions >= 0, batch.positions + 1, 0)  # a token sees positions 0..its own
+    if decode and (kernels != "auto" or is_hopper()):  # the Pallas kernel, or a reference asked for by name
         return paged_gqa_decode(q, kv.k, kv.v, page_table[batch.seq_ids], lengths, scale=scale,
                                 **kernel_args(kernels))
-    return paged_prefill_attention(q, kv.k, kv.v, page_table, batch.seq_ids, batch.positions, scale=scale)
+    if kernels == "reference":  # prefill's reference, for tests that compare against it
+        return paged_prefill_attention(q, kv.k, kv.v, page_table, batch.seq_ids, batch.positions, scale=scale)
+    # decode off Hopper, and prefill: only the blocks of context the rows hold (each token is a row)
+    return blocked_paged_attention(q, kv.k, kv.v, page_table[batch.seq_ids], lengths, scale=scale)
