@@ -143,9 +143,9 @@ def main():
     blanks = {"roofline_ms": "", "of_roofline": "", "same_greedy": "", "vs_hf": "", "cache": "paged"}
     table = [{"model": args.model, **blanks, **{k: v for k, v in row.items() if k != "first_ids"}} for row in rows]
     notes = (f"Model `{args.model}` ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts "
-             f"top-{cfg.top_k}, {args.dtype}); msjax: the colocated single-program model, reference attention, the "
-             f"experts through the native CPU grouped matmul; prompt {args.prompt_len} tokens, {args.max_tokens} output tokens, greedy, best of "
-             f"three rounds per batch.")
+             f"top-{cfg.top_k}, {args.dtype}); msjax: the colocated single-program model, blocked paged "
+             f"attention, the experts through the native CPU grouped matmul; prompt {args.prompt_len} tokens, "
+             f"{args.max_tokens} output tokens, greedy, best of three rounds per batch.")
     if args.peer == "hf":
         notes += (f" hf: {peer[sizes[0]]['version']}, `generate` with the {peer[sizes[0]]['cache']} KV cache, the "
                   f"same prompts and checkpoint; step time between two consecutive logits-processor calls. "

@@ -142,12 +142,14 @@ def main(argv=None) -> int:
         engine.close()
     if not args.no_write:
         from bench.common import write_results
-        columns = [("model", "model"), ("max_model_len", "max_model_len"), ("batch", "batch"), ("rows", "rows"), ("step_ms", "step p50 ms"),
+        columns = [("model", "model"), ("max_model_len", "max_model_len"), ("batch", "batch"), ("rows", "rows"),
+                   ("step_ms", "step p50 ms"),
                    ("mean_step_ms", "step mean ms"), *[(f"{k}_ms", f"{k} ms") for k in PHASES],
                    ("program_ms", "program alone ms"), ("host_ms", "host ms"),
                    ("host_share", "host share"), ("compiles", "compiles"), ("steps", "steps")]
         notes = (__doc__.split("\n\n", 2)[2].strip() + "\n\nPhases are means per step (ms); `step mean` is their "
-                 "sum. `host ms` = schedule + build + postprocess + other: the engine's Python work around the jitted call, "
+                 "sum. `host ms` = schedule + build + postprocess + other: the engine's Python work around the "
+                 "jitted call, "
                  "which runs while no program does (on this CPU backend the program and the host share the same "
                  "cores). `program alone` includes its dispatch, like `dispatch + wait`.")
         print("wrote", write_results(f"step-overhead-{args.model}", rows, columns, notes))
