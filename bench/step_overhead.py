@@ -131,10 +131,12 @@ def main(argv=None) -> int:
         model = str(model_dir(model))
     prompt = list(range(1, 17))  # 16 token ids: any vocabulary has them
     rows = []
+    batches = [int(b) for b in args.batches.split(",")]
     for length in args.max_model_len.split(","):
         options = {} if length == "default" else {"max_model_len": int(length)}
+        options["max_num_seqs"] = max(16, *batches)  # EngineConfig's default, or every batch in one step
         engine = Engine.from_pretrained(model, **options)
-        for batch in [int(b) for b in args.batches.split(",")]:
+        for batch in batches:
             row = measure(engine, batch, args.steps, prompt)
             row.update(model=args.model, max_model_len=engine.max_model_len)
             rows.append(row)
