@@ -241,7 +241,7 @@ def test_msjax_serve_cli_plans(tmp_path, plan_flag):
         said = (tmp_path / "stderr.txt").read_text()
         if plan_flag:
             assert DeploymentPlan.from_toml(info.plan) == DISAGGREGATED_DEMO_PLAN
-            assert "plan: attention 2x2" in said and "asked for: plan = disaggregated" in said, said
+            assert "plan: attention 2 nodes x 2 devices, experts 4 nodes x 1 devices, m=2 --" in said and "asked for: plan = disaggregated" in said, said
         else:
             assert info.plan == ""  # one device, one program (decode.proto)
             assert "plan: colocated (one device, one program) -- CPU only" in said, said

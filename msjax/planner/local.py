@@ -27,10 +27,14 @@ class PlanChoice:
     reason: str
 
     def describe(self) -> str:
-        if self.plan is None:
+        p = self.plan
+        if p is None:
             return "colocated (one device, one program)"
-        from msjax.planner.search import Candidate
-        return Candidate(self.plan, None).describe()  # describe() reads only the plan
+        on = lambda gpu: f" x {gpu}" if gpu else ""  # noqa: E731 - a plan file may name no GPU type
+        if p.is_colocated:
+            return f"colocated on {p.colocated_devices} devices{on(p.attention_gpu)}, m={p.micro_batches}"
+        return (f"attention {p.attention_nodes} nodes x {p.attention_tp} devices{on(p.attention_gpu)}, experts "
+                f"{p.expert_nodes} nodes x {p.expert_tp} devices{on(p.expert_gpu)}, m={p.micro_batches}")
 
 
 def catalog_gpu_name(device_kind: str, names) -> str | None:
