@@ -95,8 +95,12 @@ class HttpClient:
         await self.session.close()
 
 
-def summarize(protocol: str, clients: int, requests: int, errors: int, tokens: int, wall: float, ttft: list,
-              tpot: list) -> dict:
+def summarize(protocol: str, clients: int, requests: int, errors: int, wall: float, streams: list) -> dict:
+    """One row from the finished requests' `streams`: (send time, [arrival time of each token]) each. TTFT is
+    the first token's arrival after the send, TPOT the mean gap between the tokens after the first."""
+    ttft = [times[0] - start for start, times in streams if times]
+    tpot = [(times[-1] - times[0]) / (len(times) - 1) for _, times in streams if len(times) > 1]
+    tokens = sum(len(times) for _, times in streams)
     ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
     return {"protocol": protocol, "clients": clients, "requests": requests - errors, "errors": errors,
             "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round((requests - errors) / wall, 2),
@@ -115,7 +119,7 @@ def run_level(protocol: str, address: str, clients: int, requests: int, prompt: 
 async def _run_level(protocol, address, clients, requests, prompt, max_tokens, timeout) -> dict:
     client = GrpcClient(address) if protocol == "grpc" else HttpClient(address, clients)
     remaining = [requests]
-    ttft, tpot, tokens, errors = [], [], [0], []
+    streams, errors = [], []
 
     async def one_client():
         while remaining[0] > 0:
@@ -128,11 +132,7 @@ async def _run_level(protocol, address, clients, requests, prompt, max_tokens, t
             except Exception as err:  # noqa: BLE001 - counted, reported
                 errors.append(repr(err))
                 continue
-            tokens[0] += len(times)
-            if times:
-                ttft.append(times[0] - start)
-            if len(times) > 1:
-                tpot.append((times[-1] - times[0]) / (len(times) - 1))
+            streams.append((start, times))
 
     try:
         started = time.perf_counter()
@@ -142,7 +142,7 @@ async def _run_level(protocol, address, clients, requests, prompt, max_tokens, t
         await client.close()
     if errors:
         print(f"  {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
-    return summarize(protocol, clients, requests, len(errors), tokens[0], wall, ttft, tpot)
+    return summarize(protocol, clients, requests, len(errors), wall, streams)
 
 
 def engine_level(engine, clients: int, requests: int, prompt: str, max_tokens: int) -> dict:
@@ -150,8 +150,8 @@ def engine_level(engine, clients: int, requests: int, prompt: str, max_tokens: i
     closed-loop client does), stepped from this thread with no server around it. Same columns as run_level."""
     from msjax.engine.sampling_params import SamplingParams
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    started_at, times, ttft, tpot = {}, {}, [], []
-    next_id, tokens = 0, 0
+    started_at, times, streams = {}, {}, []
+    next_id = 0
 
     def add():
         nonlocal next_id
@@ -169,15 +169,10 @@ def engine_level(engine, clients: int, requests: int, prompt: str, max_tokens: i
         for d in deltas:
             times[d.request_id] += [now] * len(d.token_ids)
             if d.finished:
-                t = times.pop(d.request_id)
-                tokens += len(t)
-                if t:
-                    ttft.append(t[0] - started_at[d.request_id])
-                if len(t) > 1:
-                    tpot.append((t[-1] - t[0]) / (len(t) - 1))
+                streams.append((started_at.pop(d.request_id), times.pop(d.request_id)))
                 if next_id < requests:
                     add()
-    row = summarize("engine", clients, requests, 0, tokens, time.perf_counter() - wall_start, ttft, tpot)
+    row = summarize("engine", clients, requests, 0, time.perf_counter() - wall_start, streams)
     row["client_cpu_s"] = None
     return row
 
@@ -211,13 +206,9 @@ def raw_engine_rows(args, prompt: str, levels: list[int]) -> tuple[list[dict], s
     """The engine the server would build (same model, plan choice and engine options), in this process, at each
     level: a warm-up round, then the measured one. Returns the rows and the plan it ran."""
     from serving.config import ServeConfig
+    from serving.server import load_engine
     config = ServeConfig.load(args.config, plan=args.plan) if args.config else ServeConfig(plan=args.plan or "auto")
-    if config.needs_host_devices:
-        from msjax.runtime.host_devices import ensure_host_devices
-        ensure_host_devices()
-    from msjax.engine.engine import Engine
-    choice = config.plan_choice()
-    engine = Engine.from_pretrained(config.model, plan=choice.plan, **config.engine)
+    engine, choice = load_engine(config)
     rows = []
     try:
         engine.warm_up()  # every step shape, as the server's --warmup: no compile inside a measured level
@@ -229,8 +220,7 @@ def raw_engine_rows(args, prompt: str, levels: list[int]) -> tuple[list[dict], s
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
     return rows, choice.describe()
 
 

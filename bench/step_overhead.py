@@ -27,31 +27,38 @@ PHASES = ("schedule", "build", "dispatch", "wait", "postprocess", "other")
 
 
 class PhaseTimer:
-    """Wraps the functions Engine.step calls, adding each call's wall time to its phase."""
+    """Wraps the functions Engine.step calls, adding each call's wall time to its phase; `restore()` puts the
+    originals back (a second measurement, or a test after this one, then runs the plain engine)."""
 
     def __init__(self):
         self.totals = dict.fromkeys(PHASES, 0.0)
-        self.steps = 0
-        self.active = False
+        self._wrapped = []  # (owner, name, what owner itself held under name, or None: a method of its class)
 
     def wrap(self, owner, name: str, phase: str) -> None:
         original = getattr(owner, name)
-        timer = self
+        totals = self.totals
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                if timer.active:
-                    timer.totals[phase] += time.perf_counter() - start
+                totals[phase] += time.perf_counter() - start
 
+        self._wrapped.append((owner, name, vars(owner).get(name)))
         setattr(owner, name, timed)
+
+    def restore(self) -> None:
+        for owner, name, own in reversed(self._wrapped):
+            if own is None:
+                delattr(owner, name)  # the class's method shows through again
+            else:
+                setattr(owner, name, own)
+        self._wrapped.clear()
 
 
 def measure(engine, batch: int, steps: int, prompt: list[int]) -> dict:
     import jax
-    import numpy as np
 
     from msjax.engine import engine as engine_module
     from msjax.engine.sampling_params import SamplingParams
@@ -68,21 +75,21 @@ def measure(engine, batch: int, steps: int, prompt: list[int]) -> dict:
 
     timer = PhaseTimer()
     runner = engine.runner
-    replica = engine.replicas[0]
-    timer.wrap(replica.scheduler, "schedule", "schedule")
-    timer.wrap(engine_module, "split_micro_batches", "build")
-    timer.wrap(engine_module, "build_micro_batches", "build")
-    timer.wrap(runner, "_run_one", "dispatch")
-    timer.wrap(runner, "step", "wait")  # minus dispatch below: the runner's step is dispatch + the host copy
-    timer.wrap(engine, "_postprocess", "postprocess")
     compiled_before = colocated._step._cache_size()
     totals = []
-    timer.active = True
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        totals.append(time.perf_counter() - start)
-    timer.active = False
+    try:
+        timer.wrap(engine.replicas[0].scheduler, "schedule", "schedule")
+        timer.wrap(engine_module, "split_micro_batches", "build")
+        timer.wrap(engine_module, "build_micro_batches", "build")
+        timer.wrap(runner, "_run_one", "dispatch")
+        timer.wrap(runner, "step", "wait")  # minus dispatch below: the runner's step is dispatch + the host copy
+        timer.wrap(engine, "_postprocess", "postprocess")
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            totals.append(time.perf_counter() - start)
+    finally:
+        timer.restore()
     compiles = colocated._step._cache_size() - compiled_before
     per_step = {k: 1e3 * v / steps for k, v in timer.totals.items()}
     per_step["wait"] -= per_step["dispatch"]
@@ -94,8 +101,10 @@ def measure(engine, batch: int, steps: int, prompt: list[int]) -> dict:
     captured = []
     run_one = runner._run_one
     runner._run_one = lambda b: captured.append(b) or run_one(b)
-    engine.step()
-    runner._run_one = run_one
+    try:
+        engine.step()
+    finally:
+        del runner._run_one  # the method again
     b = captured[-1]
     program = []
     for _ in range(steps):
@@ -110,7 +119,7 @@ def measure(engine, batch: int, steps: int, prompt: list[int]) -> dict:
     return dict(batch=batch, step_ms=round(step_ms, 3), mean_step_ms=round(mean_ms, 3),
                 **{f"{k}_ms": round(per_step[k], 3) for k in PHASES}, program_ms=round(program_ms, 3),
                 host_ms=round(host_ms, 3), host_share=f"{host_ms / mean_ms:.0%}",
-                compiles=compiles, steps=steps, rows=int(np.asarray(b.tokens).shape[0]))
+                compiles=compiles, steps=steps, rows=int(b.tokens.shape[0]))
 
 
 def main(argv=None) -> int:
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--max-model-len", default="default",
                         help="comma-separated EngineConfig.max_model_len values to run each batch under ('default': "
-                             "the model's context); decode reads the page table's full width, so it matters")
+                             "the model's context; attention reading the table's full width made this matter)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))

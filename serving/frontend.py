@@ -42,13 +42,6 @@ class Mailbox:
             queue.put_nowait(item)
 
 
-def _mailbox(aio: asyncio.AbstractEventLoop) -> Mailbox:
-    box = getattr(aio, "_msjax_mailbox", None)
-    if box is None:
-        box = aio._msjax_mailbox = Mailbox(aio)
-    return box
-
-
 def merge_deltas(first: RequestDelta, later: list[RequestDelta]) -> RequestDelta:
     """One delta that stands for `first` and the `later` ones of the same request, in order: their tokens,
     text and logprobs joined, finished as the last one says."""
@@ -75,7 +68,7 @@ class RequestStream:
         self._loop = frontend.loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self._held: Exception | None = None
-        box, queue = _mailbox(asyncio.get_running_loop()), self._queue
+        box, queue = frontend.mailbox(), self._queue
 
         def sink(item):
             box.post(queue, item)
@@ -99,13 +92,13 @@ class RequestStream:
         if isinstance(item, Exception):
             self.finished = True
             raise item
-        later = []
-        while not (later[-1] if later else item).finished and not self._queue.empty():
-            more = self._queue.get_nowait()
-            if isinstance(more, Exception):
-                self._held = more
+        later, last = [], item
+        while not last.finished and not self._queue.empty():
+            last = self._queue.get_nowait()
+            if isinstance(last, Exception):
+                self._held = last
                 break
-            later.append(more)
+            later.append(last)
         if later:
             item = merge_deltas(item, later)
         if item.finished:
@@ -129,6 +122,13 @@ class Frontend:
         self.max_tokens_cap = config.max_tokens_cap or self.max_model_len
         self._ids = itertools.count()
         self._prefix = os.urandom(3).hex()
+        self._mailbox: Mailbox | None = None
+
+    def mailbox(self) -> Mailbox:
+        """The one Mailbox of the front ends' asyncio loop (made on first use, from that loop)."""
+        if self._mailbox is None:
+            self._mailbox = Mailbox(asyncio.get_running_loop())
+        return self._mailbox
 
     def new_id(self, kind: str) -> str:
         return f"{kind}-{self._prefix}{next(self._ids):06d}"

@@ -35,9 +35,7 @@ class Server:
         shapes; `on_listening(server)`: called once both front ends listen, before the warm-up (the addresses
         are known, `/health` still answers "loading"); `on_plan(choice)`: the plan chosen and why
         (msjax.planner.local.PlanChoice), before the weights load."""
-        from msjax.engine.engine import Engine
         from msjax.loading import resolve_model_path
-        from msjax.runtime.host_devices import ensure_host_devices
         from serving.engine_loop import EngineLoop
         from serving.frontend import Frontend
         from serving.metrics import Metrics
@@ -49,14 +47,7 @@ class Server:
             compile_cache.enable(config.compile_cache)
         self.plan_choice = None  # the plan and why; None when an engine was given
         if engine is None:
-            if config.needs_host_devices:
-                ensure_host_devices()  # eight host devices, so a plan of up to 8 devices runs on a CPU machine
-            self.plan_choice = config.plan_choice()
-            log.info("plan: %s (%s)", self.plan_choice.describe(), self.plan_choice.reason)
-            if on_plan is not None:
-                on_plan(self.plan_choice)
-            engine = Engine.from_pretrained(config.model, plan=self.plan_choice.plan, progress=progress,
-                                            **config.engine)
+            engine, self.plan_choice = load_engine(config, progress=progress, on_plan=on_plan)
             model_path = resolve_model_path(config.model)
         else:
             model_path = None
@@ -157,6 +148,21 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def load_engine(config: ServeConfig, *, progress=None, on_plan=None):
+    """The Engine `config` describes, on the plan it resolves to, and that PlanChoice: what the server runs
+    (and what bench/serve_load.py compares it with). Forces eight host devices first where the plan may need
+    several; `on_plan(choice)` is called before the weights load."""
+    from msjax.engine.engine import Engine
+    from msjax.runtime.host_devices import ensure_host_devices
+    if config.needs_host_devices:
+        ensure_host_devices()  # eight host devices, so a plan of up to 8 devices runs on a CPU machine
+    choice = config.plan_choice()
+    log.info("plan: %s (%s)", choice.describe(), choice.reason)
+    if on_plan is not None:
+        on_plan(choice)
+    return Engine.from_pretrained(config.model, plan=choice.plan, progress=progress, **config.engine), choice
 
 
 def serve(config: ServeConfig | None = None, *, engine=None, progress=None, warmup_progress=None,

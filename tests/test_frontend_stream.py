@@ -26,6 +26,11 @@ class FakeLoop:
 class FakeFrontend:
     def __init__(self):
         self.loop = FakeLoop()
+        self._box = None
+
+    def mailbox(self):
+        self._box = self._box or Mailbox(asyncio.get_running_loop())
+        return self._box
 
 
 def delta(tokens, text="", finished=False, reason=None, logprobs=None):

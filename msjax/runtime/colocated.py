@@ -80,7 +80,6 @@ class ColocatedRunner:
         return jax.tree.map(np.asarray, [[self._run_one(b) for b in node] for node in batches])
 
     def _run_one(self, b):
-        m = self.model
         out, self.kv = _step(self._defs, self._state_leaves, self.kv, b.tokens, b.positions, b.seq_ids,
                              b.page_table, b.logit_rows, b.temperature, b.top_p, b.top_k, b.seeds, b.steps,
                              decode=b.decode, num_logprobs=b.num_logprobs)
