@@ -2,6 +2,7 @@
 #include <cstring>
 #include <map>
 #include <sstream>
+#include <utility>
 
 #include "m2n_c.h"
 #include "registry.h"
@@ -147,6 +148,47 @@ int m2n_recv_all(int64_t handle, const uint32_t* senders, uint32_t count, uint32
   if (entry->receiver == nullptr) return Report(BadHandle(handle, "receiver"), err, err_len);
   return Report(entry->receiver->RecvAll(senders, count, layer, micro_batch, outs, capacities, nbytes, timeout_s),
                 err, err_len);
+}
+
+int m2n_set_tolerant(int64_t handle, int on) {
+  auto entry = Find(handle);
+  if (entry == nullptr) return static_cast<int>(Code::kInvalidArgument);
+  std::lock_guard<std::mutex> lock(entry->mu);
+  if (entry->sender != nullptr) entry->sender->SetTolerant(on != 0);
+  if (entry->receiver != nullptr) entry->receiver->SetTolerant(on != 0);
+  return 0;
+}
+
+int m2n_adopt(int64_t handle, int64_t from) {
+  auto to = Find(handle), other = Find(from);
+  if (to == nullptr || other == nullptr || to == other) return static_cast<int>(Code::kInvalidArgument);
+  std::scoped_lock lock(to->mu, other->mu);
+  if ((to->sender == nullptr) != (other->sender == nullptr)) return static_cast<int>(Code::kInvalidArgument);
+  std::swap(to->sender, other->sender);
+  std::swap(to->receiver, other->receiver);
+  std::swap(to->connectable, other->connectable);
+  return 0;
+}
+
+int m2n_mark_lost(int64_t handle, uint32_t peer) {
+  auto entry = Find(handle);
+  if (entry == nullptr) return static_cast<int>(Code::kInvalidArgument);
+  std::lock_guard<std::mutex> lock(entry->mu);
+  if (entry->sender != nullptr) entry->sender->MarkLost(peer);
+  if (entry->receiver != nullptr) entry->receiver->MarkLost(peer);
+  return 0;
+}
+
+int m2n_lost(int64_t handle, uint8_t* out, uint32_t n) {
+  auto entry = Find(handle);
+  if (entry == nullptr) return static_cast<int>(Code::kInvalidArgument);
+  std::lock_guard<std::mutex> lock(entry->mu);
+  const std::vector<uint8_t>* lost = entry->sender != nullptr     ? &entry->sender->lost()
+                                     : entry->receiver != nullptr ? &entry->receiver->lost()
+                                                                  : nullptr;
+  if (lost == nullptr || lost->size() != n) return static_cast<int>(Code::kInvalidArgument);
+  std::memcpy(out, lost->data(), n);
+  return 0;
 }
 
 int m2n_validate_header(const void* bytes, size_t n, uint32_t sender, uint32_t num_senders, uint64_t seq,

@@ -31,6 +31,16 @@ int m2n_recv(int64_t handle, uint32_t sender, uint32_t layer, uint32_t micro_bat
 int m2n_recv_all(int64_t handle, const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
                  void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s, char* err,
                  size_t err_len);
+// Tolerant endpoints (the attention side of a deployment that survives an expert node's loss): a peer that is
+// gone is marked lost instead of failing the call; a lost receiver's sends are dropped and a lost sender's
+// messages read as 0 bytes. m2n_lost writes one flag per peer (1: lost) into `out` (n of them).
+int m2n_set_tolerant(int64_t handle, int on);
+int m2n_lost(int64_t handle, uint8_t* out, uint32_t n);
+// Endpoint `handle` takes over the connection of endpoint `from` (of the same kind), which gets `handle`'s old
+// one (close it): programs compiled against `handle` then talk over the new connection without a recompile.
+int m2n_adopt(int64_t handle, int64_t from);
+// Mark peer `peer` lost (the caller took it out of the deployment): no call waits for it from now on.
+int m2n_mark_lost(int64_t handle, uint32_t peer);
 // The header parser on its own: `bytes` (n of them) checked as the next message from `sender`.
 int m2n_validate_header(const void* bytes, size_t n, uint32_t sender, uint32_t num_senders, uint64_t seq,
                         uint32_t layer, uint32_t micro_batch, uint64_t capacity, char* err, size_t err_len);

@@ -165,12 +165,17 @@ class EngineConfig:
 
 
 
-def check_placement(placement: tuple[tuple[int, ...], ...], num_experts: int, expert_nodes: int) -> None:
+def check_placement(placement: tuple[tuple[int, ...], ...], num_experts: int, expert_nodes: int,
+                    lost: frozenset[int] | set[int] = frozenset()) -> None:
     """Every expert on at least one of the `expert_nodes` nodes, each node holding some, none twice; errors
-    name the field. A plan's placement and every re-placement are checked here."""
+    name the field. A plan's placement and every re-placement are checked here. Nodes `lost` (gone from a
+    running deployment) must hold none."""
     if len(placement) != expert_nodes:
         raise ConfigError("placement", f"lists {len(placement)} expert nodes, the plan has {expert_nodes}")
-    if any(not node for node in placement):
+    on_lost = sorted(node for node in lost if node < len(placement) and placement[node])
+    if on_lost:
+        raise ConfigError("placement", f"places experts on expert nodes {on_lost}, which are lost")
+    if any(not node for i, node in enumerate(placement) if i not in lost):
         raise ConfigError("placement", "every expert node must hold at least one expert")
     held = {e for node in placement for e in node}
     outside = sorted(e for e in held if not 0 <= e < num_experts)
@@ -208,6 +213,9 @@ class DeploymentPlan:
     # transport shm / tcp / rdma: every attention node a process of its own too (the engine's process then
     # only schedules); otherwise the engine's process holds the attention nodes
     attention_processes: bool = False
+    # an expert node process that is lost is started again at once (it loads in the background while the others
+    # serve its experts, and rejoins between steps once loaded); otherwise `NodeRunner.rejoin` does it on request
+    restart_lost_experts: bool = False
 
     def __post_init__(self):
         _check_positive(self, "attention_nodes", "attention_tp", "expert_nodes", "expert_tp")
@@ -219,6 +227,8 @@ class DeploymentPlan:
             raise ConfigError("transport", f"must be one of {', '.join(PLAN_TRANSPORTS)}, got {self.transport!r}")
         if not isinstance(self.attention_processes, bool):
             raise ConfigError("attention_processes", f"must be true or false, got {self.attention_processes!r}")
+        if not isinstance(self.restart_lost_experts, bool):
+            raise ConfigError("restart_lost_experts", f"must be true or false, got {self.restart_lost_experts!r}")
         if not isinstance(self.colocated_devices, int) or self.colocated_devices < 0:
             raise ConfigError("colocated_devices", f"must be an integer >= 0, got {self.colocated_devices!r}")
         if self.placement is not None:

@@ -130,6 +130,15 @@ class Frontend:
             self._mailbox = Mailbox(asyncio.get_running_loop())
         return self._mailbox
 
+    def health(self) -> tuple[str, str]:
+        """("ok" | "degraded" | "not ready", why): from the runner's cheap check, safe from any thread.
+        Degraded: serving on fewer expert nodes than the plan has (some were lost); not ready: the deployment
+        cannot step (an attention node or every expert node is gone, or it was closed after a failure)."""
+        health = self.engine.runner.health()
+        if not health.healthy:
+            return "not ready", health.detail
+        return ("degraded", health.degraded) if health.degraded else ("ok", "")
+
     def new_id(self, kind: str) -> str:
         return f"{kind}-{self._prefix}{next(self._ids):06d}"
 

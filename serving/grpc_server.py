@@ -128,6 +128,7 @@ class GrpcServer:
         self.server = None
         self.health = None
         self.port = None
+        self._watch = None  # the task following the runner's health while serving
 
     async def start(self, host: str, port: int) -> int:
         config = self.fe.config
@@ -151,10 +152,28 @@ class GrpcServer:
         return self.port
 
     async def set_serving(self) -> None:
+        """SERVING from now on, while the deployment can step: a watcher follows the runner's health (NOT_SERVING
+        once it cannot, e.g. every expert node lost) until `set_not_serving`."""
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._follow_health())
+
+    async def _follow_health(self, every_s: float = 0.5) -> None:
+        serving = True
+        while True:
+            await asyncio.sleep(every_s)
+            ready = self.fe.health()[0] != "not ready"
+            if ready != serving:
+                serving = ready
+                status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                for service in ("", SERVICE_NAME):
+                    await self.health.set(service, status)
 
     async def set_not_serving(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self.health is not None:
             for service in ("", SERVICE_NAME):
                 await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -336,7 +336,13 @@ class HttpApi:
             "max_model_len": self.fe.max_model_len}]})
 
     async def health(self, request):
-        return web.json_response({"status": self.state}, status=200 if self.state == "ok" else 503)
+        """200 {"status": "ok"} or {"status": "degraded", "detail": ...} (serving on fewer expert nodes); 503
+        while starting, draining, or when the deployment cannot step ("not ready", with why)."""
+        if self.state != "ok":
+            return web.json_response({"status": self.state}, status=503)
+        status, detail = self.fe.health()
+        body = {"status": status, **({"detail": detail} if detail else {})}
+        return web.json_response(body, status=503 if status == "not ready" else 200)
 
     async def metrics(self, request):
         return web.Response(text=self.fe.metrics.render(), content_type="text/plain",

@@ -10,6 +10,7 @@ import bisect
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -58,6 +59,9 @@ class Metrics:
         self.steps = 0
         self._recent = deque()  # (time, tokens) of the last window, for tokens/s
         self.window_s = 10.0
+        # the runner's lost-expert-node counts (`msjax.runtime.faults.FaultStats`), read at render; None for a
+        # deployment without expert nodes
+        self.fault_stats: Callable[[], object] | None = None
 
     # --- writers (the engine-loop thread, and front ends for rejections) ---
 
@@ -150,6 +154,21 @@ class Metrics:
                    f"{used / max(self.total_pages, 1):.6f}")
             metric("msjax_expert_tokens_total", "counter", "Tokens routed to each expert, summed over layers.",
                    [f'msjax_expert_tokens_total{{expert="{i}"}} {n}' for i, n in enumerate(self.expert_tokens)])
+            faults = self.fault_stats() if self.fault_stats is not None else None
+            if faults is not None:
+                for name, kind, help_text, value in (
+                        ("msjax_expert_node_faults_total", "counter", "Expert nodes lost.", faults.faults),
+                        ("msjax_steps_rerun_total", "counter", "Steps run again after an expert node was lost "
+                         "during them.", faults.rerun_steps),
+                        ("msjax_expert_rebuilds_total", "counter", "Losses that loaded experts again (no live "
+                         "replica held them).", faults.rebuilds),
+                        ("msjax_expert_rebuild_seconds_total", "counter", "Time spent loading them.",
+                         f"{faults.rebuild_s:.6f}"),
+                        ("msjax_degraded_steps_total", "counter", "Steps run on fewer expert nodes than the plan "
+                         "has.", faults.degraded_steps),
+                        ("msjax_degraded_tokens_total", "counter", "Tokens sampled in those steps.",
+                         faults.degraded_tokens)):
+                    scalar(name, kind, help_text, value)
             return "\n".join(lines) + "\n"
 
 

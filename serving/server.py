@@ -57,6 +57,8 @@ class Server:
                 pass
         self.engine = engine
         self.metrics = Metrics(config.name, engine.model_config.num_experts, engine.num_total_pages())
+        if getattr(engine.runner, "faults", None) is not None:  # a runner over expert nodes counts their losses
+            self.metrics.fault_stats = lambda: engine.runner.faults
         self.loop = EngineLoop(engine, self.metrics, max_concurrent=config.max_concurrent_requests,
                                max_queue=config.max_queue)
         self.frontend = Frontend(engine, self.loop, config, self.metrics)

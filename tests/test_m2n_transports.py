@@ -571,6 +571,88 @@ def test_receive_from_every_sender_gets_what_came_when_one_is_missing(net):
         s.close()
 
 
+def test_a_tolerant_receive_goes_on_without_a_sender_that_died(net):
+    """A tolerant receiver (an attention node that survives an expert node's loss): a sender killed mid-stream is
+    marked lost within seconds, its messages read as 0 bytes from then on (at once, no more waiting), while the
+    live sender's messages still arrive in order; the same receive without tolerance fails naming it."""
+    if net.transport == "loopback":
+        pytest.skip(CROSS_PROCESS.format("test_a_tolerant_send_drops_what_a_closed_receiver_would_get"))
+    rx = net.receiver(num_senders=2, timeout_s=60)
+    live = net.sender(index=1)
+    proc = spawn("""
+        tx = m.Sender(os.environ["T"], [os.environ["ADDR"]], 0, 1 << 16)
+        tx.send(0, b"before", layer=0)
+        print("sent", flush=True)
+        time.sleep(60)
+        """, T=net.transport, ADDR=net.addresses()[0])
+    outs = [np.zeros(1 << 16, np.uint8) for _ in range(2)]
+    try:
+        assert proc.stdout.readline().strip() == "sent"
+        rx.set_tolerant()
+        live.send(0, b"one", layer=0)
+        assert rx.recv_all(outs, [0, 1], layer=0) == [6, 3] and rx.lost() == []
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        live.send(0, b"two", layer=1)
+        start = time.monotonic()
+        assert rx.recv_all(outs, [0, 1], layer=1) == [0, 3] and outs[1][:3].tobytes() == b"two"
+        assert time.monotonic() - start < 5 and rx.lost() == [0]
+        live.send(0, b"three", layer=2)
+        start = time.monotonic()
+        assert rx.recv_all(outs, [1, 0], layer=2) == [5, 0]  # the lost sender costs no more waiting
+        assert time.monotonic() - start < 0.5
+        rx.set_tolerant(False)
+        with pytest.raises(native.M2NError):
+            rx.recv_all(outs[:1], [0], layer=3, timeout_s=5)
+    finally:
+        reap(proc, timeout=1)
+        live.close()
+
+
+def test_a_tolerant_send_drops_what_a_closed_receiver_would_get():
+    """Loopback (one process): a tolerant sender whose receiver closed marks it lost and drops its messages,
+    while its other receiver still gets every one; `lost()` names the closed one."""
+    net = Net("loopback")
+    gone, kept = net.receiver(index=0, depth=2), net.receiver(index=1, depth=2)
+    tx = net.sender(timeout_s=5)
+    tx.set_tolerant()
+    gone.close()
+    for layer in range(4):  # more than the ring holds: the closed receiver would block a strict sender
+        tx.send(0, b"lost", layer=layer)
+        tx.send(1, b"kept%d" % layer, layer=layer)
+        assert kept.recv(0, layer=layer) == b"kept%d" % layer
+    assert tx.lost() == [0]
+    tx.mark_lost(1)  # the caller took receiver 1 out: its messages are dropped from now on
+    tx.send(1, b"dropped", layer=9)
+    assert tx.lost() == [0, 1]
+    with pytest.raises(native.M2NTimeout):
+        kept.recv(0, layer=9, timeout_s=0.2)
+    tx.close()
+    net.close()
+
+
+def test_an_endpoint_adopts_the_next_generation_of_its_channel(net):
+    """What a rewire does: a sender and a receiver each take over a new channel's connection under their old
+    handles (programs name endpoints by handle), messages then travel on the new channel from sequence 0, and
+    the old connections close with the endpoints that held the new ones."""
+    rx, tx = net.receiver(), net.sender()
+    tx.send(0, b"old", layer=0)
+    assert rx.recv(0, layer=0) == b"old"
+    nxt = Net(net.transport)
+    rx2 = nxt.receiver()
+    tx2 = nxt.sender()
+    handles = (tx.handle, rx.handle)
+    tx.adopt(tx2)
+    rx.adopt(rx2)
+    assert (tx.handle, rx.handle) == handles and tx2.handle == rx2.handle == 0
+    tx.send(0, b"new", layer=1)  # sequence 0 of the new channel
+    assert rx.recv(0, layer=1) == b"new"
+    with pytest.raises(ValueError, match="another kind or shape"):
+        tx.adopt(net.receiver(index=1))
+    tx.close()
+    nxt.close()
+
+
 def test_tcp_receive_from_every_sender_reads_them_as_they_come():
     """The senders' messages come in reverse order, each after the receive has started: every one is read inline,
     straight into its buffer, and the tags of each are checked against the receive's."""

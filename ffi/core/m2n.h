@@ -45,7 +45,9 @@ enum class Code : int {
   kUnavailable = 3,       // the peer is gone (process exited, connection closed) or no device
   kDataLoss = 4,          // a malformed message was received and rejected
   kInternal = 5,          // a system call failed
+  kNotTaken = 6,          // a message of a multi-sender receive left waiting because another one failed first
 };
+
 
 struct Status {
   Code code = Code::kOk;
@@ -55,6 +57,12 @@ struct Status {
 };
 
 inline Status Error(Code code, std::string message) { return Status{code, std::move(message)}; }
+
+// A peer that is gone (its process exited, its connection closed) or stopped answering: what a tolerant
+// endpoint (SetTolerant) records as a lost peer instead of failing.
+inline bool IsPeerLoss(const Status& status) {
+  return status.code == Code::kUnavailable || status.code == Code::kDeadlineExceeded;
+}
 
 using Clock = std::chrono::steady_clock;
 

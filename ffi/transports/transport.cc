@@ -12,9 +12,15 @@ Status SendEndpoint::Send(uint32_t receiver, uint32_t layer, uint32_t micro_batc
     return Error(Code::kInvalidArgument, "message of " + std::to_string(nbytes) +
                                              " bytes exceeds the slot capacity " + std::to_string(spec_.capacity));
   }
+  if (lost_[receiver]) return Status::Ok();  // tolerant, and that receiver is gone: nothing to deliver
   MessageHeader header{kMessageMagic, spec_.index, layer, micro_batch, next_seq_[receiver], nbytes};
   Status status = Write(receiver, header, data, DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s));
-  if (status.ok()) ++next_seq_[receiver];
+  if (status.ok()) {
+    ++next_seq_[receiver];
+  } else if (tolerant_ && IsPeerLoss(status)) {
+    lost_[receiver] = 1;
+    return Status::Ok();
+  }
   return status;
 }
 
@@ -25,6 +31,59 @@ Status RecvEndpoint::Recv(uint32_t sender, uint32_t layer, uint32_t micro_batch,
 
 Status RecvEndpoint::RecvAll(const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
                              void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s) {
+  std::vector<Status> statuses(count);
+  if (!tolerant_) {
+    return RecvAllOnce(senders, count, layer, micro_batch, outs, capacities, nbytes, timeout_s, statuses.data());
+  }
+  // Tolerant: wait again for the messages left untaken, until each has arrived or its sender is lost. Every
+  // round settles at least one message (the first failure of a round is never "not taken").
+  std::vector<uint32_t> pending;  // indices into senders
+  for (uint32_t k = 0; k < count; ++k) {
+    if (senders[k] < spec_.num_peers && lost_[senders[k]]) {
+      nbytes[k] = 0;
+    } else {
+      pending.push_back(k);
+    }
+  }
+  while (!pending.empty()) {
+    std::vector<uint32_t> from;
+    std::vector<void*> into;
+    std::vector<uint64_t> caps, got(pending.size(), 0);
+    for (uint32_t k : pending) {
+      from.push_back(senders[k]);
+      into.push_back(outs[k]);
+      caps.push_back(capacities[k]);
+    }
+    Status first = RecvAllOnce(from.data(), static_cast<uint32_t>(pending.size()), layer, micro_batch, into.data(),
+                               caps.data(), got.data(), timeout_s, statuses.data());
+    bool any_failed = false;
+    for (size_t j = 0; j < pending.size(); ++j) any_failed = any_failed || !statuses[j].ok();
+    if (!first.ok() && !any_failed) return first;  // refused before any wait (bad index, a broken channel)
+    std::vector<uint32_t> again;
+    for (size_t j = 0; j < pending.size(); ++j) {
+      uint32_t k = pending[j];
+      const Status& status = statuses[j];
+      if (status.ok()) {
+        nbytes[k] = got[j];
+      } else if (status.code == Code::kNotTaken) {
+        again.push_back(k);
+      } else if (IsPeerLoss(status)) {
+        lost_[senders[k]] = 1;
+        nbytes[k] = 0;
+      } else {
+        return status;  // a malformed message: the channel is broken, not the peer lost
+      }
+    }
+    if (again.size() == pending.size()) return first;  // cannot happen; never loop without progress
+    pending = std::move(again);
+  }
+  return Status::Ok();
+}
+
+Status RecvEndpoint::RecvAllOnce(const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
+                                 void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s,
+                                 Status* statuses) {
+  for (uint32_t k = 0; k < count; ++k) statuses[k] = Status::Ok();
   std::vector<bool> seen(spec_.num_peers, false);
   std::vector<Expectation> expects;
   expects.reserve(count);
@@ -41,9 +100,8 @@ Status RecvEndpoint::RecvAll(const uint32_t* senders, uint32_t count, uint32_t l
     if (!broken_[sender].ok()) return broken_[sender];
     expects.push_back({sender, spec_.num_peers, expected_seq_[sender], layer, micro_batch, spec_.capacity});
   }
-  std::vector<Status> statuses(count);
   TakeAll(expects, outs, capacities, nbytes, DeadlineAfter(timeout_s > 0 ? timeout_s : spec_.timeout_s),
-          statuses.data());
+          statuses);
   Status first;
   for (uint32_t k = 0; k < count; ++k) {
     uint32_t sender = senders[k];
@@ -84,7 +142,7 @@ void RecvEndpoint::TakeFromSlots(const std::vector<Expectation>& expects, const 
 }
 
 Status RecvEndpoint::NotTaken(const Expectation& expect) {
-  return Error(Code::kDeadlineExceeded, "message seq " + std::to_string(expect.seq) + " from sender " +
+  return Error(Code::kNotTaken, "message seq " + std::to_string(expect.seq) + " from sender " +
                                             std::to_string(expect.sender) +
                                             " not taken: another message of the same receive failed first");
 }

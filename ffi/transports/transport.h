@@ -35,13 +35,25 @@ class SendEndpoint {
   uint32_t index() const { return spec_.index; }
   uint32_t num_receivers() const { return spec_.num_peers; }
   const EndpointSpec& spec() const { return spec_; }
+  // Tolerant: a send to a receiver that is gone (kUnavailable, kDeadlineExceeded) marks it lost and succeeds,
+  // and every later send to it is dropped at once: a program keeps running past a peer's death, and its host
+  // reads lost() afterwards (the runner re-runs the step without that peer).
+  void SetTolerant(bool on) { tolerant_ = on; }
+  const std::vector<uint8_t>& lost() const { return lost_; }
+  // The caller knows receiver `peer` is gone (the runner took it out of the deployment): as if a send had failed.
+  void MarkLost(uint32_t peer) {
+    if (peer < lost_.size()) lost_[peer] = 1;
+  }
 
  protected:
-  explicit SendEndpoint(EndpointSpec spec) : spec_(std::move(spec)), next_seq_(spec_.num_peers, 0) {}
+  explicit SendEndpoint(EndpointSpec spec)
+      : spec_(std::move(spec)), next_seq_(spec_.num_peers, 0), lost_(spec_.num_peers, 0) {}
   virtual Status Write(uint32_t receiver, const MessageHeader& header, const void* data,
                        Clock::time_point deadline) = 0;
   EndpointSpec spec_;
   std::vector<uint64_t> next_seq_;
+  bool tolerant_ = false;
+  std::vector<uint8_t> lost_;  // per receiver: 1 once lost (tolerant only)
 };
 
 inline constexpr uint64_t kNotReceived = ~uint64_t{0};
@@ -62,6 +74,14 @@ class RecvEndpoint {
   // for a sender whose message the caller does not hold), so a caller can wait again for just the missing ones.
   Status RecvAll(const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch, void* const* outs,
                  const uint64_t* capacities, uint64_t* nbytes, double timeout_s = -1);
+  // Tolerant: a sender that is gone (kUnavailable, kDeadlineExceeded) is marked lost and its message reads as 0
+  // bytes, now and on every later receive, while the other senders' messages are still taken; a malformed
+  // message is still an error. See SendEndpoint::SetTolerant.
+  void SetTolerant(bool on) { tolerant_ = on; }
+  const std::vector<uint8_t>& lost() const { return lost_; }
+  void MarkLost(uint32_t peer) {
+    if (peer < lost_.size()) lost_[peer] = 1;
+  }
   virtual std::string address() const = 0;
   uint32_t index() const { return spec_.index; }
   uint32_t num_senders() const { return spec_.num_peers; }
@@ -70,8 +90,13 @@ class RecvEndpoint {
 
  protected:
   explicit RecvEndpoint(EndpointSpec spec)
-      : spec_(std::move(spec)), expected_seq_(spec_.num_peers, 0), broken_(spec_.num_peers) {}
+      : spec_(std::move(spec)), expected_seq_(spec_.num_peers, 0), broken_(spec_.num_peers),
+        lost_(spec_.num_peers, 0) {}
   virtual const PeerCheck* peer_check(uint32_t sender) const = 0;
+  // One attempt at every message: each one's status into statuses[k]; returns the first failure in order.
+  Status RecvAllOnce(const uint32_t* senders, uint32_t count, uint32_t layer, uint32_t micro_batch,
+                     void* const* outs, const uint64_t* capacities, uint64_t* nbytes, double timeout_s,
+                     Status* statuses);
   // Waits for the messages `expects` describe and puts message k's payload in outs[k], its status in
   // statuses[k] (all OK on entry). By default one after another, each copied out of its slot, stopping at the
   // first failure (the rest keep a "not taken" error and stay unconsumed); tcp reads those that have not begun
@@ -88,6 +113,8 @@ class RecvEndpoint {
   Mailbox mailbox_;
   std::vector<uint64_t> expected_seq_;
   std::vector<Status> broken_;
+  bool tolerant_ = false;
+  std::vector<uint8_t> lost_;  // per sender: 1 once lost (tolerant only)
 };
 
 Status OpenSender(const EndpointSpec& spec, std::unique_ptr<SendEndpoint>* out);

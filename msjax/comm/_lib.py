@@ -18,7 +18,8 @@ CUDA_LIBRARY = "libmsjax_m2n_cuda.so"
 TRANSPORTS = ("shm", "tcp", "loopback")  # loopback: endpoints of one process, through private memory
 _ERR_LEN = 1024
 _NOT_RECEIVED = 2**64 - 1  # a recv_all byte count: that sender's message was not received
-_CODES = {1: "invalid argument", 2: "deadline exceeded", 3: "unavailable", 4: "malformed message", 5: "internal"}
+_CODES = {1: "invalid argument", 2: "deadline exceeded", 3: "unavailable", 4: "malformed message", 5: "internal",
+          6: "not taken"}
 
 
 class M2NError(RuntimeError):
@@ -93,6 +94,10 @@ def library() -> ctypes.CDLL:
         lib.m2n_validate_header.argtypes = [c.c_void_p, c.c_size_t, c.c_uint32, c.c_uint32, c.c_uint64, c.c_uint32,
                                             c.c_uint32, c.c_uint64, *err]
         lib.m2n_debug_inject.argtypes = [c.c_int64, c.c_uint32, c.c_uint64, c.c_void_p, c.c_size_t, *err]
+        lib.m2n_set_tolerant.argtypes = [c.c_int64, c.c_int]
+        lib.m2n_lost.argtypes = [c.c_int64, c.POINTER(c.c_uint8), c.c_uint32]
+        lib.m2n_mark_lost.argtypes = [c.c_int64, c.c_uint32]
+        lib.m2n_adopt.argtypes = [c.c_int64, c.c_int64]
         lib.m2n_set_thread_poll_us.argtypes = [c.c_long]
         lib.m2n_set_thread_poll_us.restype = c.c_long
         lib.m2n_header_bytes.restype = c.c_uint32
@@ -152,6 +157,37 @@ def _contiguous(data) -> np.ndarray:
 
 class _Endpoint:
     handle: int = 0
+
+    def _peers(self) -> int:
+        return self.num_receivers if isinstance(self, Sender) else self.num_senders
+
+    def set_tolerant(self, on: bool = True) -> None:
+        """Tolerant: a peer that is gone (exited, closed its connection, timed out) is marked lost instead of
+        failing the call; sends to it are dropped, its messages read as 0 bytes (zeros inside a program), so a
+        program runs to its end past a peer's death and its host reads `lost()` afterwards."""
+        _check(library().m2n_set_tolerant(self.handle, int(on)), None)
+
+    def adopt(self, other: "_Endpoint") -> None:
+        """Take over `other`'s connection (an endpoint of the same kind and shape, e.g. the next generation of
+        this channel) under this endpoint's handle, and close `other` with the old one: programs compiled
+        against this handle use the new connection without a recompile."""
+        shape = lambda e: (isinstance(e, Sender), e.index, e._peers(), e.capacity)  # noqa: E731
+        if shape(self) != shape(other):
+            raise ValueError(f"cannot adopt an endpoint of another kind or shape: {shape(other)} for {shape(self)}")
+        _check(library().m2n_adopt(self.handle, other.handle), None)
+        other.close()
+
+    def mark_lost(self, peer: int) -> None:
+        """Treat `peer` as gone from now on (the caller took it out of the deployment): sends to it are dropped
+        and its messages read as 0 bytes at once, without a wait."""
+        _check(library().m2n_mark_lost(self.handle, peer), None)
+
+    def lost(self) -> list[int]:
+        """The peers marked lost so far (tolerant endpoints only)."""
+        n = self._peers()
+        flags = (ctypes.c_uint8 * n)()
+        _check(library().m2n_lost(self.handle, flags, n), None)
+        return [i for i in range(n) if flags[i]]
 
     def close(self) -> None:
         if self.handle:

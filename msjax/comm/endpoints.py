@@ -99,32 +99,45 @@ class Endpoints:
         self.receivers.clear()
 
 
+def channel_run(topology) -> str:
+    """The key prefix of `topology`'s channels: the run's name, and from its first rewire on (an expert node that
+    rejoined) the generation too, so a generation's channels (and shm segments) never meet an older one's."""
+    return topology.run if not topology.generation else f"{topology.run}-g{topology.generation}"
+
+
+def packet_endpoints(topology, rendezvous, role: str, index: int) -> Endpoints:
+    """Phase 1 of node (role, index)'s packet channels (dispatch, back) at `topology`'s generation."""
+    t, run = topology, channel_run(topology)
+    ep = Endpoints(t.transport, run, rendezvous, depth=t.depth, timeout_s=t.timeout_s,
+                   startup_timeout_s=t.startup_timeout_s)
+    if role == "attention":
+        ep.receive("back", key(run, "back", index), index, t.expert_nodes, t.back_bytes)
+        ep.send("dispatch", [key(run, "dispatch", e) for e in range(t.expert_nodes)], index, t.dispatch_bytes)
+    elif role == "expert":
+        ep.receive("dispatch", key(run, "dispatch", index), index, t.attention_nodes, t.dispatch_bytes)
+        ep.send("back", [key(run, "back", a) for a in range(t.attention_nodes)], index, t.back_bytes)
+    else:
+        raise ValueError(f"no node role {role!r} (attention, expert)")
+    return ep
+
+
 def node_endpoints(topology, rendezvous, role: str, index: int, *, remote: bool) -> Endpoints:
     """Phase 1 for node (role, index) of `topology` (a `msjax.runtime.protocol.Topology`): its packet receiver
     and, in a node process (`remote`), its control receiver; its senders recorded for `connect`."""
-    t = topology
-    ep = Endpoints(t.transport, t.run, rendezvous, depth=t.depth, timeout_s=t.timeout_s,
-                   startup_timeout_s=t.startup_timeout_s)
-    if role == "attention":
-        ep.receive("back", key(t.run, "back", index), index, t.expert_nodes, t.back_bytes)
-        ep.send("dispatch", [key(t.run, "dispatch", e) for e in range(t.expert_nodes)], index, t.dispatch_bytes)
-    elif role == "expert":
-        ep.receive("dispatch", key(t.run, "dispatch", index), index, t.attention_nodes, t.dispatch_bytes)
-        ep.send("back", [key(t.run, "back", a) for a in range(t.attention_nodes)], index, t.back_bytes)
-    else:
-        raise ValueError(f"no node role {role!r} (attention, expert)")
+    t, run = topology, channel_run(topology)
+    ep = packet_endpoints(topology, rendezvous, role, index)
     if remote:
-        ep.receive("control", key(t.run, "control", role, index), 0, 1, t.control_bytes)
-        ep.send("reply", [key(t.run, "reply", role, index)], 0, t.reply_bytes)
+        ep.receive("control", key(run, "control", role, index), 0, 1, t.control_bytes)
+        ep.send("reply", [key(run, "reply", role, index)], 0, t.reply_bytes)
     return ep
 
 
 def runner_endpoints(topology, rendezvous, remote_nodes: list[tuple[str, int]]) -> Endpoints:
     """Phase 1 for the runner: a reply receiver per node process, control senders recorded for `connect`."""
-    t = topology
-    ep = Endpoints(t.transport, t.run, rendezvous, depth=t.depth, timeout_s=t.timeout_s,
+    t, run = topology, channel_run(topology)
+    ep = Endpoints(t.transport, run, rendezvous, depth=t.depth, timeout_s=t.timeout_s,
                    startup_timeout_s=t.startup_timeout_s)
     for role, index in remote_nodes:
-        ep.receive(f"reply/{role}/{index}", key(t.run, "reply", role, index), 0, 1, t.reply_bytes)
-        ep.send(f"control/{role}/{index}", [key(t.run, "control", role, index)], 0, t.control_bytes)
+        ep.receive(f"reply/{role}/{index}", key(run, "reply", role, index), 0, 1, t.reply_bytes)
+        ep.send(f"control/{role}/{index}", [key(run, "control", role, index)], 0, t.control_bytes)
     return ep

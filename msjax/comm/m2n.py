@@ -30,7 +30,12 @@ class Routing:
 
     replicas: tuple[tuple[tuple[int, int], ...], ...]  # per expert: ((node, local index), ...)
     cum_shares: tuple[tuple[float, ...], ...]  # per expert: cumulative share up to each replica (last is 1)
-    num_local: tuple[int, ...]  # experts held by each node
+    num_local: tuple[int, ...]  # experts held by each node (0: a node out of the exchange, e.g. one that was lost)
+
+    @property
+    def live(self) -> tuple[int, ...]:
+        """The expert nodes that hold experts (a lost node holds none)."""
+        return tuple(node for node, n in enumerate(self.num_local) if n > 0)
 
     @classmethod
     def from_placement(cls, placement: tuple[tuple[int, ...], ...], num_experts: int,
@@ -50,9 +55,12 @@ class Routing:
             cum.append(tuple(float(c) for c in running))
         return cls(tuple(tuple(r) for r in replicas), tuple(cum), tuple(len(p) for p in placement))
 
-    def tables(self):
-        """node [E, R], local [E, R] int32 and cumulative shares [E, R] float32 (unused slots never chosen)."""
-        width = max(len(r) for r in self.replicas)
+    def tables(self) -> tuple[np.ndarray, ...]:
+        """The routing as arrays, an operand of the attention programs (a re-placement changes values, not
+        shapes: no compile): node [E, N], local [E, N] int32 and cumulative shares [E, N] float32 over the N
+        expert nodes (an expert has at most one replica per node; unused slots never chosen), and num_local [N]
+        int32 (a node's padding expert id)."""
+        width = len(self.num_local)
         node = np.zeros((len(self.replicas), width), np.int32)
         local = np.zeros_like(node)
         cum = np.full(node.shape, 2.0, np.float32)
@@ -60,7 +68,7 @@ class Routing:
             node[e, :len(reps)] = [n for n, _ in reps]
             local[e, :len(reps)] = [i for _, i in reps]
             cum[e, :len(reps)] = c
-        return jnp.asarray(node), jnp.asarray(local), jnp.asarray(cum)
+        return node, local, cum, np.asarray(self.num_local, np.int32)
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["rows", "expert_ids", "count"], meta_fields=[])
@@ -73,21 +81,22 @@ class Packet:
     count: jax.Array  # [] int32
 
 
-def pack(x: jax.Array, topk_ids: jax.Array, valid: jax.Array, routing: Routing, node: int):
+def pack(x: jax.Array, topk_ids: jax.Array, valid: jax.Array, tables, node: int):
     """The packet for expert node `node`, and each of its rows' assignment index (token * k + slot; -1 for
     padding), which stays on the attention node for the combine.
 
-    x [tokens, hidden]; topk_ids [tokens, k] int32 (global experts); valid [tokens] bool.
+    x [tokens, hidden]; topk_ids [tokens, k] int32 (global experts); valid [tokens] bool; tables: a `Routing`'s
+    `tables()` (arrays, traced or not).
     """
     tokens, k = topk_ids.shape
-    node_table, local_table, cum_table = routing.tables()
+    node_table, local_table, cum_table, num_local = (jnp.asarray(t) for t in tables)
     # each assignment picks one replica of its expert, in proportion to the replicas' shares
     u = jnp.mod((jnp.arange(tokens * k, dtype=jnp.float32) + 0.5) * GOLDEN, 1.0).reshape(tokens, k)
     replica = jnp.sum(cum_table[topk_ids] <= u[..., None], axis=-1)  # [t, k]
     chosen_node = jnp.take_along_axis(node_table[topk_ids], replica[..., None], axis=-1)[..., 0]
     chosen_local = jnp.take_along_axis(local_table[topk_ids], replica[..., None], axis=-1)[..., 0]
     mine = (valid[:, None] & (chosen_node == node)).reshape(-1)  # [t*k]
-    pad_id = routing.num_local[node]
+    pad_id = num_local[node]
     local = jnp.where(mine, chosen_local.reshape(-1), pad_id)
     order = jnp.argsort(local, stable=True).astype(jnp.int32)
     count = jnp.sum(mine, dtype=jnp.int32)

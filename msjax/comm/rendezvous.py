@@ -160,6 +160,11 @@ class RendezvousServer:
     def __repr__(self) -> str:
         return f"RendezvousServer({self.address}, {'closed' if self._closed else 'serving'})"
 
+    def has(self, *keys: str) -> bool:
+        """Whether every key is published (from the serving process, without waiting)."""
+        with self._cond:
+            return all(k in self._store for k in keys)
+
     def close(self) -> None:
         """Stops serving: waiting clients get a "closed" error (or see their connection close). Idempotent."""
         with self._cond:

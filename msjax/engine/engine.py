@@ -295,12 +295,18 @@ class Engine:
         """Re-place the experts for the load seen since the last rebalance (paper §6): `redundancy` extra
         replicas of hot experts, their tokens split by the balancer's shares. Runs between steps and moves
         expert weights only; requests in flight continue unchanged. Returns the `ExpertPlacement`."""
-        from msjax.balance import place_experts
+        from msjax.balance import ExpertPlacement, place_experts
         if self.plan.is_colocated:
             raise InvalidRequestError("plan", "rebalancing needs a disaggregated plan (expert nodes)")
         self.collect_expert_load()
         load, self._load_window = self._load_window, None
-        placement = place_experts(load, self.plan.expert_nodes, redundancy=redundancy, min_cost=min_cost)
+        lost = set(self.runner.health().lost)  # expert nodes gone from the deployment hold nothing
+        live = [n for n in range(self.plan.expert_nodes) if n not in lost]
+        found = place_experts(load, len(live), redundancy=redundancy, min_cost=min_cost)
+        nodes, shares = [()] * self.plan.expert_nodes, [()] * self.plan.expert_nodes
+        for i, n in enumerate(live):
+            nodes[n], shares[n] = found.nodes[i], found.shares[i]
+        placement = ExpertPlacement(tuple(nodes), tuple(shares), found.num_experts)
         self.runner.set_placement(placement.nodes, placement.shares)
         return placement
 

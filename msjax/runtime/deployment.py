@@ -83,6 +83,9 @@ def resolve(model: ModelConfig, engine: EngineConfig, plan: DeploymentPlan | Non
     if plan.attention_processes and (plan.is_colocated or transports.is_in_process(plan.transport)):
         raise ConfigError("attention_processes", "puts nodes in processes: it needs a disaggregated plan with "
                           f"transport 'shm', 'tcp' or 'rdma', got transport {plan.transport!r}")
+    if plan.restart_lost_experts and (plan.is_colocated or transports.is_in_process(plan.transport)):
+        raise ConfigError("restart_lost_experts", "restarts expert node processes: it needs a disaggregated plan "
+                          f"with transport 'shm', 'tcp' or 'rdma', got transport {plan.transport!r}")
     if plan.is_colocated:
         plan.validate(model, len(devices))
         return Deployment(plan, engine, "", platform, devices[:plan.colocated_devices])

@@ -19,6 +19,15 @@ class WorkerError(RuntimeError):
     """A node process failed to start, died, or broke the exchange; the deployment is closed."""
 
 
+class NodeLost(WorkerError):
+    """Node `key` ((role, index)) is gone: its process exited, or its channel failed. For an expert node the
+    runner re-routes around it (`NodeRunner`); anything else closes the deployment."""
+
+    def __init__(self, key, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class LocalHost:
     """Nodes in this process, by key ((role, index))."""
 
@@ -69,7 +78,8 @@ class LocalHost:
 
 class ProcessLinks:
     """Node processes, by key, over their control channels: `senders[key]` to its control receiver,
-    `receivers[key]` its reply channel. `check()` raises a WorkerError naming a node process that exited."""
+    `receivers[key]` its reply channel. `check(key, when)`, called while waiting for node `key`, raises a
+    WorkerError (a NodeLost for that node itself) when a process the wait depends on exited."""
 
     def __init__(self, senders: dict, receivers: dict, check, wait_s: float):
         self.senders, self.receivers, self.check, self.wait_s = senders, receivers, check, wait_s
@@ -95,7 +105,7 @@ class ProcessLinks:
                     raw = self.receivers[key].recv(0, timeout_s=1.0)
                 return wire.decode(raw)
             except native.M2NTimeout:
-                self.check("during the step")
+                self.check(key, "during the step")
                 if time.monotonic() > deadline:
                     raise WorkerError(f"{key[0]} node {key[1]} did not answer within "
                                       f"{self.wait_s if wait_s is None else wait_s:.0f} s") from None

@@ -36,7 +36,7 @@ from msjax.comm.wire import pack_rows, row_bytes, unpack_rows
 from msjax.runtime import step_inputs
 from msjax.runtime.sampler import sample
 
-_ATTENTION_STATIC = ("layouts", "routing", "record")
+_ATTENTION_STATIC = ("layouts", "record")
 
 
 def _named(method, name: str):
@@ -53,17 +53,21 @@ class AttentionPrograms:
     sending packets on `tx` (a Sender to every expert node) and receiving outputs on `back` (a Receiver from
     every expert node).
 
-        first(state0, inputs, kv, token, load)                 -> (h, sent, kv, token, load, traffic)
-        layer(state_l, layer, h, sent, inputs, kv, token, load) -> (h, sent, kv, token, load, traffic)
-        head(state0, layer, h, sent, inputs, token)             -> (sampled, token)
+        first(state0, inputs, kv, token, load, routing)                 -> (h, sent, kv, token, load, traffic)
+        layer(state_l, layer, h, sent, inputs, kv, token, load, routing) -> (h, sent, kv, token, load, traffic)
+        head(state0, layer, h, sent, inputs, token)                      -> (sampled, token)
 
     inputs[i] = (int32 [...], float32 [2 s_i]) packed by `step_inputs.pack`, with `layouts[i]` its static
     layout; h[i] [t_i, hidden] the residual streams; sent[i] = (orders per expert node, topk weights) of the
     last send; load [num_experts] int32 tokens routed per expert (donated, added to); traffic (with `record`)
-    per micro-batch what was routed and sent, for tests; static `routing` where every expert lives."""
+    per micro-batch what was routed and sent, for tests; `routing` where every expert lives (`Routing.tables()`:
+    arrays, so a re-placement or a lost node changes no program). Every program sends to and receives from all
+    the expert nodes: a node out of the deployment gets empty packets, which the tolerant endpoints drop, and
+    its outputs read as zeros at once (`AttentionNode` marks it lost)."""
 
     def __init__(self, cfg, graphdef, tx, back, dtype, mesh=None):
         self.cfg, self.graphdef, self.tx, self.back = cfg, graphdef, tx, back
+        self.num_nodes = back.num_senders  # expert nodes
         self.dtype, self.m2n = jnp.dtype(dtype), NodeM2N(mesh)
         donate = ("kv", "load")
         self.first = jax.jit(_named(self._first, "attention_first"), static_argnames=_ATTENTION_STATIC,
@@ -79,9 +83,9 @@ class AttentionPrograms:
         attention = nnx.merge(self.graphdef, state)
         h, x, topk_ids, topk_weights, kv = attention(layer, h + moe, batch, kv, decode=decode)
         valid = batch.positions >= 0
-        packed = [pack(x, topk_ids, valid, routing, node) for node in range(len(routing.num_local))]
+        packed = [pack(x, topk_ids, valid, routing, node) for node in range(self.num_nodes)]
         packets, orders = tuple(p for p, _ in packed), tuple(o for _, o in packed)
-        num_experts = len(routing.replicas)
+        num_experts = self.cfg.num_experts
         load = load + jnp.sum((topk_ids[..., None] == jnp.arange(num_experts)) & valid[:, None, None],
                               axis=(0, 1), dtype=jnp.int32)
         for e, p in enumerate(packets):  # each send after the previous m2n call
@@ -102,7 +106,7 @@ class AttentionPrograms:
 
     # -- the programs --
 
-    def _first(self, state, inputs, kv, token, load, *, layouts, routing, record):
+    def _first(self, state, inputs, kv, token, load, routing, *, layouts, record):
         xs = [step_inputs.unpack(ints, floats, lay) for (ints, floats), lay in zip(inputs, layouts)]
         embed = nnx.merge(self.graphdef, state).embed_tokens
         h, sent, traffic = [embed(x[0]) for x in xs], [], []  # h[i]: [t_i, hidden]
@@ -119,7 +123,7 @@ class AttentionPrograms:
             traffic.append(t)
         return tuple(h), tuple(sent), kv, token, load, tuple(traffic) if record else ()
 
-    def _layer(self, state, layer, h, sent, inputs, kv, token, load, *, layouts, routing, record):
+    def _layer(self, state, layer, h, sent, inputs, kv, token, load, routing, *, layouts, record):
         xs = [step_inputs.unpack(ints, floats, lay) for (ints, floats), lay in zip(inputs, layouts)]
         h, sent, traffic = list(h), list(sent), []
         for i, (x, lay) in enumerate(zip(xs, layouts)):

@@ -100,7 +100,7 @@ def build_node(spec, rendezvous):
     """The node `spec` describes, its endpoints open and connected, its readiness published."""
     import jax
 
-    from msjax.comm.endpoints import key, node_endpoints
+    from msjax.comm.endpoints import channel_run, key, node_endpoints
     from msjax.runtime.nodes import AttentionNode, ExpertNode
     t = spec.topology
     devices = jax.devices()[:spec.tp]
@@ -121,7 +121,7 @@ def build_node(spec, rendezvous):
     except BaseException:
         endpoints.close()
         raise
-    rendezvous.set(key(t.run, "ready", spec.role, spec.index), "1")
+    rendezvous.set(key(channel_run(t), "ready", spec.role, spec.index), "1")
     return node
 
 
@@ -146,7 +146,7 @@ def serve(spec, parent: int) -> int:
             _log(spec, "the runner's process is gone; exiting")
             code = 3
             break
-        what, reply = _answer(node, raw, p, wire)
+        what, reply = _answer(node, raw, p, wire, spec)
         data = wire.encode(reply)
         if len(data) > reply_to.capacity:
             data = wire.encode(p.Failed(f"a reply of {len(data)} bytes exceeds the reply channel's "
@@ -181,7 +181,27 @@ def _next_request(control, parent: int) -> bytes | None:
                 return None
 
 
-def _answer(node, raw: bytes, p, wire) -> tuple[str, object]:
+def rewire(node, spec, generation: int) -> None:
+    """Move `node`'s packet channels to `generation` through the deployment's rendezvous (`p.Rewire`)."""
+    import dataclasses
+
+    from msjax.comm.endpoints import packet_endpoints
+    from msjax.comm.rendezvous import RendezvousClient
+    t = dataclasses.replace(spec.topology, generation=generation)
+    rendezvous = RendezvousClient(t.rendezvous, token=t.token, timeout_s=t.startup_timeout_s)
+    try:
+        packets = packet_endpoints(t, rendezvous, spec.role, spec.index)
+        try:
+            packets.connect()
+        except BaseException:
+            packets.close()
+            raise
+    finally:
+        rendezvous.close()
+    node.rewire(packets)
+
+
+def _answer(node, raw: bytes, p, wire, spec) -> tuple[str, object]:
     """(what next, reply) for one raw request: "serve" on, "stop" (a Stop request), or "exit" — a step that
     failed after its first program was dispatched has left the packet channels out of step, and the node's
     peers would wait out their timeouts for messages that never come; exiting lets them see it at once."""
@@ -191,6 +211,12 @@ def _answer(node, raw: bytes, p, wire) -> tuple[str, object]:
         return "serve", p.Failed(f"malformed request: {err}")
     if isinstance(request, p.Stop):
         return "stop", p.Ok()
+    if isinstance(request, p.Rewire):
+        try:
+            rewire(node, spec, request.generation)
+        except Exception as err:  # noqa: BLE001 - its old channels are gone or half-replaced: end the node
+            return "exit", p.Failed(f"rewire to generation {request.generation} failed: {type(err).__name__}: {err}")
+        return "serve", p.Ok()
     dispatched = False
     try:
         if isinstance(request, p.STEP_REQUESTS):

@@ -11,13 +11,20 @@ which every party publishes its receivers' addresses and reads its peers' (`msja
 processes are started first (they load their weights meanwhile), then the nodes held here open, then everyone
 connects.
 
-Failure: a node process that exits, a step that fails, a node that does not answer: the deployment is closed
-(every process stopped) and a WorkerError names the node, with the log tails of the processes.
+Losing an expert node (its process exits, or its channel fails mid-step): the attention nodes' endpoints are
+tolerant (`msjax.runtime.nodes`), so their programs run to the end of the step with the lost node's outputs as
+zeros and keep every KV cache; the runner takes the node out of the placement (`msjax.runtime.faults`: experts
+with a live replica are re-routed to it, the others loaded onto live nodes), tells every attention node the new
+routing, and runs the step again: its KV writes land on the same positions, so the outputs are those of a run
+without the fault. Losing the last expert node, or an attention node (its KV cache goes with it), or a step that
+fails any other way: the deployment is closed (every process stopped) and a WorkerError names the node, with
+the log tails of the processes.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import secrets
 import shutil
@@ -30,7 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from msjax.comm import wire
+from msjax.comm import native, wire
 from msjax.comm.endpoints import BIND_HOST, key, node_endpoints, runner_endpoints
 from msjax.comm.m2n import Routing
 from msjax.config import check_placement
@@ -38,7 +45,8 @@ from msjax.errors import ConfigError
 from msjax.runtime import protocol as p
 from msjax.runtime import step_inputs
 from msjax.runtime.deployment import Deployment, channel_sizes
-from msjax.runtime.hosts import LocalHost, ProcessLinks, WorkerError
+from msjax.runtime.faults import FaultStats, degrade
+from msjax.runtime.hosts import LocalHost, NodeLost, ProcessLinks, WorkerError
 from msjax.runtime.nodes import AttentionNode, ExpertNode
 from msjax.runtime.processes import NodeProcess, NodeProcesses
 from msjax.runtime.runner import NodeHealth, RunnerHealth
@@ -50,6 +58,16 @@ _LIVE: "weakref.WeakSet[NodeRunner]" = weakref.WeakSet()
 def _close_all() -> None:
     for runner in list(_LIVE):
         runner.close()
+
+
+@dataclasses.dataclass
+class _Joining:
+    """A lost expert node's new process, starting on the channels of `topology`'s generation."""
+
+    proc: NodeProcess
+    topology: p.Topology
+    experts: tuple[int, ...]
+    started: float
 
 
 class NodeRunner:
@@ -69,8 +87,14 @@ class NodeRunner:
         self.processes = NodeProcesses()
         self.links: ProcessLinks | None = None
         self.closed = False
+        self.lost: set[int] = set()  # expert nodes lost (their processes are gone); they hold no experts
+        self.faults = FaultStats()
+        self.timeline = None
+        self._python = python
         self._step = 0
         self._server = self._runner_endpoints = None
+        self._rejoined: list = []  # the runner's control endpoints for nodes that rejoined
+        self._joining: dict[int, _Joining] = {}  # lost expert nodes whose new process is starting
         self._tmp = Path(tempfile.mkdtemp(prefix="msjax-run-"))
         _LIVE.add(self)
         try:
@@ -88,6 +112,10 @@ class NodeRunner:
     @property
     def expert_keys(self) -> list[tuple[str, int]]:
         return [("expert", e) for e in range(self.deployment.plan.expert_nodes)]
+
+    @property
+    def live_expert_keys(self) -> list[tuple[str, int]]:
+        return [k for k in self.expert_keys if k[1] not in self.lost]
 
     def _start(self, python) -> None:
         from msjax.comm.rendezvous import LocalRendezvous
@@ -125,7 +153,7 @@ class NodeRunner:
                 ep = self._runner_endpoints
                 self.links = ProcessLinks({k: ep.senders[f"control/{k[0]}/{k[1]}"] for k in remote},
                                           {k: ep.receivers[f"reply/{k[0]}/{k[1]}"] for k in remote},
-                                          self.processes.check, self.startup_timeout_s + self.timeout_s)
+                                          self._check_waiting, self.startup_timeout_s + self.timeout_s)
         except WorkerError:
             raise
         except Exception as err:
@@ -136,17 +164,19 @@ class NodeRunner:
         finally:
             rendezvous.close()
 
-    def _spec(self, role: str, index: int) -> p.NodeSpec:
-        """What node process (role, index) starts with; its weights from the checkpoint or a file of them."""
+    def _spec(self, role: str, index: int, topology=None, placement=None) -> p.NodeSpec:
+        """What node process (role, index) starts with (on `topology`, holding its share of `placement`: by
+        default the deployment's); its weights from the checkpoint or a file of them."""
         d = self.deployment
+        topology, placement = topology or self.topology, placement or self.placement
         weights = None
         if self.checkpoint is None:
             state = (self.model.attention_state if role == "attention"
-                     else self.model.expert_subset(self.placement[index])[1])
-            weights = str(self._write_weights(state, f"{role}{index}-start"))
+                     else self.model.expert_subset(placement[index])[1])
+            weights = str(self._write_weights(state, f"{role}{index}-g{topology.generation}-start"))
         return p.NodeSpec(role=role, index=index, model=self.cfg, engine=d.engine, dtype=np.dtype(self.model.dtype).name,
                           kernels=self.model.kernels, tp=d.plan.attention_tp if role == "attention" else d.plan.expert_tp,
-                          platform=d.platform, placement=self.placement, topology=self.topology,
+                          platform=d.platform, placement=placement, topology=topology,
                           checkpoint=self.checkpoint, weights=weights, device_ids=d.device_ids.get((role, index), ()))
 
     def _write_weights(self, state, name: str) -> Path:
@@ -197,32 +227,219 @@ class NodeRunner:
             raise ValueError(f"{len(batches)} attention nodes' batches for a plan of {len(self.attention_keys)}")
         if not any(batches):
             return [[] for _ in batches]
+        tokens = max(int(mb.tokens.shape[0]) for node in batches for mb in node)
+        if tokens > self.deployment.max_tokens:
+            raise ValueError(f"a micro-batch of {tokens} tokens exceeds the deployment's "
+                             f"{self.deployment.max_tokens}")
         try:
-            self.processes.check("before the step")
-            tokens = max(int(mb.tokens.shape[0]) for node in batches for mb in node)
-            if tokens > self.deployment.max_tokens:
-                raise ValueError(f"a micro-batch of {tokens} tokens exceeds the deployment's "
-                                 f"{self.deployment.max_tokens}")
-            # every packet of the step gets the capacity of its largest (a receive may be larger than what is
-            # sent): an expert node's program then depends on which attention nodes send in each round and on
-            # that one capacity, not on every combination of the attention nodes' shapes (which a server could
-            # neither compile ahead nor avoid meeting one by one)
-            cap = tokens * self.cfg.top_k
-            rounds = [tuple((a, cap) for a, node in enumerate(batches) if i < len(node))
-                      for i in range(max(len(node) for node in batches))]
-            self._step += 1
-            busy = [a for a, node in enumerate(batches) if node]
-            for e in self.expert_keys:
-                self._submit(e, p.ExpertStep(self._step, tuple(rounds)))
-            for a in busy:
-                self._submit(("attention", a),
-                             p.AttentionStep(self._step, tuple(step_inputs.pack(b) for b in batches[a])))
-            done = {a: self._reply(("attention", a), p.StepDone) for a in busy}
-            for e in self.expert_keys:
-                self._reply(e, p.StepDone)
-        except Exception as err:  # noqa: BLE001 - any failure mid-step leaves the channels out of step
+            if self._joining:
+                self._finish_rejoins()
+            for _ in range(len(self.expert_keys) + 1):  # every pass that does not return loses a node
+                self._recover("before the step")
+                done, lost = self._exchange(batches, tokens)
+                if not lost:
+                    break
+                self.faults.rerun_steps += 1
+                self._lose(lost, f"during step {self._step}")
+            else:
+                raise WorkerError("the step could not complete after losing expert nodes")
+        except Exception as err:  # noqa: BLE001 - any other failure mid-step leaves the channels out of step
             self._fail(err)
+        if self.lost:
+            self.faults.degraded_steps += 1
+            self.faults.degraded_tokens += sum(len(mb.logit_rows) for node in batches for mb in node)
         return [list(done[a].sampled) if a in done else [] for a in range(len(batches))]
+
+    def _exchange(self, batches, tokens: int) -> tuple[dict, set[int]]:
+        """One pass of the step over the live expert nodes -> (each busy attention node's StepDone, the expert
+        nodes the attention nodes lost during it: then the sampled tokens are not to be used)."""
+        # every packet of the step gets the capacity of its largest (a receive may be larger than what is
+        # sent): an expert node's program then depends on which attention nodes send in each round and on
+        # that one capacity, not on every combination of the attention nodes' shapes (which a server could
+        # neither compile ahead nor avoid meeting one by one)
+        cap = tokens * self.cfg.top_k
+        rounds = [tuple((a, cap) for a, node in enumerate(batches) if i < len(node))
+                  for i in range(max(len(node) for node in batches))]
+        self._step += 1
+        busy = [a for a, node in enumerate(batches) if node]
+        experts, gone = self.live_expert_keys, set()
+        for e in experts:
+            try:
+                self._submit(e, p.ExpertStep(self._step, tuple(rounds)))
+            except native.M2NError:  # its control channel is gone with it; the attention nodes notice too
+                gone.add(e[1])
+        for a in busy:
+            self._submit(("attention", a), p.AttentionStep(self._step, tuple(step_inputs.pack(b) for b in batches[a])))
+        done = {a: self._reply(("attention", a), p.StepDone) for a in busy}
+        lost = {e for d in done.values() for e in d.lost} - self.lost
+        for e in experts:
+            if e[1] in gone or e[1] in lost:  # `_lose` stops it if it still runs
+                continue
+            try:
+                self._reply(e, p.StepDone)
+            except NodeLost:  # it died after its last packet of the step: the step's tokens stand
+                gone.add(e[1])
+        if gone - lost:
+            self._lose(gone - lost, f"after step {self._step}")
+        return done, lost
+
+    def _check_waiting(self, node_key, when: str) -> None:
+        """While waiting for node `node_key`'s reply: a NodeLost when its process exited, a WorkerError when an
+        attention process did (its requests' KV caches went with it)."""
+        for proc in self.processes.dead():
+            what = f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode} {when}"
+            if proc.role == "attention":
+                raise WorkerError(what + self.processes.logs())
+            if (proc.role, proc.index) == node_key:
+                raise NodeLost(node_key, what)
+
+    def _recover(self, when: str) -> None:
+        """Expert node processes that exited since the last step are lost; an attention process that did ends
+        the deployment."""
+        dead = [proc for proc in self.processes.dead() if proc.role == "attention" or proc.index not in self.lost]
+        for proc in dead:
+            if proc.role == "attention":
+                raise WorkerError(f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode} {when}"
+                                  + self.processes.logs())
+        if dead:
+            self._lose({proc.index for proc in dead}, when)
+
+    def _lose(self, nodes: set[int], when: str) -> None:
+        """Take expert nodes `nodes` out of the deployment: stop what is left of them, re-route their experts to
+        live replicas, load those without one onto live nodes, and tell every attention node, before the next
+        step. A ConfigError when no expert node is left."""
+        for e in sorted(nodes):
+            if ("expert", e) in self.local:
+                raise WorkerError(f"expert node {e} (in this process) lost its channels {when}")
+            proc = self.processes.procs["expert", e]
+            if proc.alive():  # it stopped answering but runs: make sure it cannot come back half-way
+                proc.proc.kill()
+            self.lost.add(e)
+            self.faults.faults += 1
+            self._mark(f"expert node {e} lost {when} (exit code {proc.proc.poll()})")
+        degraded = degrade(self.placement, self.shares, self.lost, self.cfg.num_experts)
+        if degraded.loads:
+            start = time.monotonic()
+            errors = self._place(degraded.loads)
+            if errors:
+                raise WorkerError("the live expert nodes could not load the lost nodes' experts: "
+                                  + "; ".join(f"node {e}: {m}" for e, m in errors.items()))
+            self.faults.rebuilds += 1
+            self.faults.rebuild_s += time.monotonic() - start
+        self._ask(self.attention_keys, p.SetRouting(degraded.placement, degraded.shares), p.Ok)
+        self.placement, self.shares = degraded.placement, degraded.shares
+        self._mark(f"re-routed: experts on nodes {[e for e in range(len(self.placement)) if e not in self.lost]}"
+                   + (f", loaded {sorted(degraded.loads)}" if degraded.loads else ""))
+        if self.deployment.plan.restart_lost_experts:
+            for e in sorted(nodes):
+                self.rejoin(e, wait=False)
+
+    def rejoin(self, node: int, wait: bool = True) -> bool:
+        """Start lost expert node `node` again: a new process loads the experts the plan gave it (meanwhile steps
+        go on without it); once it has, between steps, every node's packet channels move to the next generation
+        (through the rendezvous, so the new process meets them as the first one did) and the node goes back into
+        the placement with those experts as extra replicas: from the next step their tokens split between it
+        and the nodes that took them over, and a rebalance (`Engine.rebalance`) places for the load from then
+        on. `wait`: return once it serves (else at once: `step` finishes the rejoin when the node is ready).
+        Returns whether it serves. A ConfigError when the node is not lost; a WorkerError when it cannot start."""
+        self._check_open()
+        if node not in self.lost:
+            raise ConfigError("node", f"expert node {node} is not lost (lost: {sorted(self.lost)})")
+        if node not in self._joining:
+            generation = max([self.topology.generation, *(j.topology.generation for j in self._joining.values())])
+            topology = dataclasses.replace(self.topology, generation=generation + 1)
+            experts = self.deployment.plan.expert_placement(self.cfg.num_experts)[node]
+            placement = tuple(experts if e == node else held for e, held in enumerate(self.placement))
+            proc = NodeProcess(self._spec("expert", node, topology, placement), self._tmp, self._python,
+                               generation=topology.generation)
+            self._joining[node] = _Joining(proc, topology, experts, time.monotonic())
+            self._mark(f"expert node {node} restarting (pid {proc.pid})")
+        if wait:
+            deadline = time.monotonic() + self.startup_timeout_s
+            while not self.rejoin_ready(node):
+                if time.monotonic() > deadline:
+                    self._fail(WorkerError(f"expert node {node} did not start within {self.startup_timeout_s:.0f} s"))
+                time.sleep(0.02)
+        return self._finish_rejoins() and node not in self.lost
+
+    @property
+    def restarting(self) -> list[int]:
+        """Lost expert nodes whose new process is starting (they rejoin at the first step after it is ready)."""
+        return sorted(self._joining)
+
+    def rejoin_ready(self, node: int) -> bool:
+        """Whether restarting node `node`'s new process has loaded and opened its receivers (a WorkerError if it
+        died)."""
+        joining = self._joining[node]
+        if not joining.proc.alive():
+            del self._joining[node]
+            raise WorkerError(f"expert node {node} exited with code {joining.proc.returncode} while starting again"
+                              + joining.proc.log_tail())
+        from msjax.comm.endpoints import channel_run
+        run = channel_run(joining.topology)
+        return self._server.has(key(run, "dispatch", node), key(run, "control", "expert", node))
+
+    def _finish_rejoins(self) -> bool:
+        """Between steps: bring in every restarting node whose process is ready (see `rejoin`). -> any joined."""
+        ready = [node for node in list(self._joining) if self.rejoin_ready(node)]
+        if not ready:
+            return False
+        node = ready[0]  # one generation per node: each rewire takes every node's channels once
+        joining = self._joining.pop(node)
+        try:
+            self._rewire(node, joining)
+        except Exception as err:  # noqa: BLE001 - half the nodes may be on the new channels: cannot go on
+            self._fail(err)
+        return True
+
+    def _rewire(self, node: int, joining: "_Joining") -> None:
+        from msjax.comm.endpoints import channel_run, packet_endpoints
+        from msjax.comm.rendezvous import RendezvousClient
+        topology, node_key = joining.topology, ("expert", node)
+        rendezvous = RendezvousClient(self._server.address, token=topology.token, timeout_s=self.startup_timeout_s)
+        try:
+            self.processes.add(joining.proc)
+
+            def alive():  # the new process and every live one
+                for proc in self.processes.dead():
+                    if proc.role == "attention" or proc.index not in self.lost or proc is joining.proc:
+                        raise WorkerError(f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode} while "
+                                          f"expert node {node} rejoined" + self.processes.logs())
+            remote = [k for k in self.attention_keys + self.live_expert_keys if k not in self.local]
+            for k in remote:  # they open their next-generation receivers at once, then connect
+                self.links.submit(k, p.Rewire(topology.generation))
+            control = runner_endpoints(topology, rendezvous, [node_key])
+            local = {k: packet_endpoints(topology, rendezvous, *k) for k in self.local.nodes}
+            for ep in [control, *local.values()]:
+                ep.connect(alive)
+            for k, ep in local.items():
+                self.local.nodes[k].rewire(ep)
+            rendezvous.get(key(channel_run(topology), "ready", *node_key), self.startup_timeout_s, alive=alive)
+            for k in remote:
+                self._reply(k, p.Ok)
+        finally:
+            rendezvous.close()
+        for old in (self.links.senders.get(node_key), self.links.receivers.get(node_key)):
+            if old is not None:
+                old.close()
+        self.links.senders[node_key] = control.senders[f"control/expert/{node}"]
+        self.links.receivers[node_key] = control.receivers[f"reply/expert/{node}"]
+        self._rejoined.append(control)
+        self.topology = topology
+        self.lost.discard(node)
+        placement = tuple(joining.experts if e == node else held for e, held in enumerate(self.placement))
+        shares = None if self.shares is None else tuple(
+            (1.0,) * len(joining.experts) if e == node else held for e, held in enumerate(self.shares))
+        self._ask(self.attention_keys, p.SetRouting(placement, shares), p.Ok)
+        self.placement, self.shares = placement, shares
+        self.faults.rejoins += 1
+        self._mark(f"expert node {node} rejoined with experts {list(joining.experts)}, "
+                   f"{time.monotonic() - joining.started:.1f} s after its restart")
+
+    def _mark(self, text: str) -> None:
+        self.faults.event(text)
+        if self.timeline is not None:
+            self.timeline.mark(text)
 
     def expert_load(self) -> np.ndarray:
         self._check_open()
@@ -238,7 +455,7 @@ class NodeRunner:
         flight are untouched either way (their KV caches live on the attention nodes)."""
         self._check_open()
         placement = tuple(tuple(int(x) for x in node) for node in placement)
-        check_placement(placement, self.cfg.num_experts, len(self.expert_keys))
+        check_placement(placement, self.cfg.num_experts, len(self.expert_keys), self.lost)
         Routing.from_placement(placement, self.cfg.num_experts, shares)  # the shares fit the placement
         changed = {e: experts for e, experts in enumerate(placement) if experts != self.placement[e]}
         try:
@@ -269,13 +486,23 @@ class NodeRunner:
         return {e: r.error for e, r in replies.items() if isinstance(r, p.Failed)}
 
     def health(self) -> RunnerHealth:
+        """Healthy while the runner can step: open, every attention node alive and at least one expert node.
+        Degraded while expert nodes are lost (or have exited since the last step, which loses them)."""
         nodes = [NodeHealth(role, index, "local", os.getpid(), not self.closed) for role, index in self.local.nodes]
         nodes += [NodeHealth(proc.role, proc.index, "process", proc.pid, proc.alive()) for proc in self.processes]
-        dead = [f"{n.role} node {n.index}" for n in nodes if not n.alive and n.where == "process"]
-        detail = "closed" if self.closed else (f"{', '.join(dead)} exited" if dead else "")
-        return RunnerHealth(not detail, detail, tuple(sorted(nodes, key=lambda n: (n.role, n.index))))
+        gone = {n.index for n in nodes if n.role == "expert" and not n.alive} | self.lost
+        fatal = [f"{n.role} node {n.index}" for n in nodes if not n.alive and n.where == "process"
+                 and n.role == "attention"]
+        if not self.closed and len(gone) == len(self.expert_keys):
+            fatal += [f"every expert node ({', '.join(map(str, sorted(gone)))})"]
+        detail = "closed" if self.closed else (f"{', '.join(fatal)} exited" if fatal else "")
+        degraded = (f"expert nodes {sorted(gone)} lost: serving on {len(self.expert_keys) - len(gone)} of "
+                    f"{len(self.expert_keys)}" if gone and not detail else "")
+        return RunnerHealth(not detail, detail, tuple(sorted(nodes, key=lambda n: (n.role, n.index))), degraded,
+                            tuple(sorted(gone)))
 
     def attach_timeline(self, timeline) -> None:
+        self.timeline = timeline
         for node in self.local.nodes.values():
             node.timeline = timeline
 
@@ -325,9 +552,13 @@ class NodeRunner:
                         self.links.submit((proc.role, proc.index), p.Stop(), timeout_s=1.0)
                     except Exception:  # noqa: BLE001 - it is killed below
                         pass
+        for joining in self._joining.values():  # restarting, not yet in the deployment
+            joining.proc.proc.kill()
+            joining.proc.proc.wait()
+        self._joining.clear()
         self.processes.stop(timeout_s)
         self.local.close()
-        for closable in (self._runner_endpoints, self._server):
+        for closable in (self._runner_endpoints, *self._rejoined, self._server):
             if closable is not None:
                 try:
                     closable.close()

@@ -65,6 +65,21 @@ class _Node:
     def _on_Stop(self, request: p.Stop):
         return p.Ok()
 
+    def rewire(self, packets) -> None:
+        """Move this node's packet channels onto `packets` (an `Endpoints` of the next generation, connected),
+        between steps: each endpoint takes over its new connection under its old handle (`adopt`), so the
+        compiled programs, which name endpoints by handle, run on as they are; the old connections close."""
+        for name, endpoint in packets.senders.items():
+            self.endpoints.senders[name].adopt(endpoint)
+        for name, endpoint in packets.receivers.items():
+            self.endpoints.receivers[name].adopt(endpoint)
+        packets.senders.clear()
+        packets.receivers.clear()
+        self._rewired()
+
+    def _rewired(self) -> None:
+        pass
+
     def close(self) -> None:
         self.endpoints.close()
 
@@ -91,10 +106,37 @@ class AttentionNode(_Node):
                                    AttentionRole.SHARED_PARAMS)
         self.kv = sharding.kv_cache(cfg, engine_config.num_pages, engine_config.page_size, dtype, rules, self.mesh)
         self.load = jax.device_put(jnp.zeros(cfg.num_experts, jnp.int32), self.replicated)  # tokens per expert
-        self.routing = Routing.from_placement(tuple(placement), cfg.num_experts)
-        self.programs = AttentionPrograms(cfg, graphdef, endpoints.senders.get("dispatch"),
-                                          endpoints.receivers["back"], dtype, self.mesh)
+        self.graphdef = graphdef
+        self._build_programs()
+        self._route(tuple(placement))
         self.traffic: list[dict] | None = None  # a list records what each (layer, micro-batch) routed and sent
+
+    def _build_programs(self) -> None:
+        tx, back = self.endpoints.senders.get("dispatch"), self.endpoints.receivers["back"]
+        self.programs = AttentionPrograms(self.cfg, self.graphdef, tx, back, self.dtype, self.mesh)
+        # an expert node that dies mid-step must not fail this node's programs: that would lose the KV cache
+        # (donated to them) and with it every request here. Tolerant, the programs run to their end with the
+        # lost node's outputs as zeros, and the step's reply names the lost node (`result`)
+        self._tolerant = [ep for ep in (tx, back) if ep is not None]
+        for ep in self._tolerant:
+            ep.set_tolerant()
+
+    def _rewired(self) -> None:
+        """New connections under the old handles: tolerant again (the runner's SetRouting that follows marks
+        the nodes still out)."""
+        for ep in self._tolerant:
+            ep.set_tolerant()
+
+    def _route(self, placement, shares=None) -> None:
+        """Route by `placement` from the next step: the tables are an operand of the programs (no compile);
+        an expert node that holds nothing is out of the deployment, so no call waits for it."""
+        self.placement, self.shares = placement, shares
+        self.routing = Routing.from_placement(placement, self.cfg.num_experts, shares)
+        self.tables = jax.device_put(tuple(jnp.asarray(t) for t in self.routing.tables()), self.replicated)
+        for node, experts in enumerate(placement):
+            if not experts:
+                for ep in self._tolerant:
+                    ep.mark_lost(node)
 
     def _check(self, request: p.AttentionStep) -> None:
         if not request.micro_batches:
@@ -115,18 +157,18 @@ class AttentionNode(_Node):
         layouts = tuple(step_inputs.layout(mb) for mb in request.micro_batches)
         inputs = jax.device_put(tuple((mb.ints, mb.floats) for mb in request.micro_batches), self.replicated)
         record, num_layers = self.traffic is not None, self.cfg.num_layers
-        statics = dict(layouts=_layer_layouts(layouts), routing=self.routing, record=record)
+        statics = dict(layouts=_layer_layouts(layouts), record=record)
         yield 0
         self._log("attention_first", 0)
         h, sent, self.kv, self.token, self.load, traffic = self.programs.first(
-            self.layers[0], inputs, self.kv, self.token, self.load, **statics)
+            self.layers[0], inputs, self.kv, self.token, self.load, self.tables, **statics)
         self._record(0, traffic)
         for layer in range(1, num_layers):
             yield 2 * layer
             self._log("attention_layer", layer)
             h, sent, self.kv, self.token, self.load, traffic = self.programs.layer(
                 self.layers[layer], self.layer_ids[layer], h, sent, inputs, self.kv, self.token, self.load,
-                **statics)
+                self.tables, **statics)
             self._record(layer, traffic)
         yield 2 * num_layers
         self._log("attention_head", num_layers - 1)
@@ -141,14 +183,19 @@ class AttentionNode(_Node):
             self.traffic.append({"layer": layer, "micro_batch": i, "attention_node": self.index, **t})
 
     def result(self, reply):
-        """The sampled tokens on the host (the step's one sync)."""
+        """The sampled tokens on the host (the step's one sync), and the expert nodes lost so far."""
         if isinstance(reply, p.StepDone):
-            return p.StepDone(reply.step, tuple(p.SampledTokens(*(np.asarray(a) for a in (
-                s.tokens, s.logprobs, s.top_ids, s.top_logprobs))) for s in reply.sampled))
+            sampled = tuple(p.SampledTokens(*(np.asarray(a) for a in (s.tokens, s.logprobs, s.top_ids,
+                                                                         s.top_logprobs))) for s in reply.sampled)
+            return p.StepDone(reply.step, sampled, self.lost())
         return reply
 
+    def lost(self) -> tuple[int, ...]:
+        """Expert nodes this node's endpoints found gone (sends dropped, outputs read as zeros)."""
+        return tuple(sorted({e for ep in self._tolerant for e in ep.lost()}))
+
     def _on_SetRouting(self, request: p.SetRouting):
-        self.routing = Routing.from_placement(request.placement, self.cfg.num_experts, request.shares)
+        self._route(request.placement, request.shares)
         return p.Ok()
 
     def _on_ReadLoad(self, request: p.ReadLoad):
@@ -160,11 +207,11 @@ class AttentionNode(_Node):
         `compiled` as XLA scheduled it. Needs a model of at least two layers."""
         layouts = tuple(step_inputs.layout(mb) for mb in request.micro_batches)
         inputs = jax.device_put(tuple((mb.ints, mb.floats) for mb in request.micro_batches), self.replicated)
-        statics = dict(layouts=_layer_layouts(layouts), routing=self.routing, record=False)
+        statics = dict(layouts=_layer_layouts(layouts), record=False)
         h, sent, *_ = jax.eval_shape(lambda *a: self.programs.first(*a, **statics), self.layers[0], inputs, self.kv,
-                                     self.token, self.load)
+                                     self.token, self.load, self.tables)
         lowered = self.programs.layer.lower(self.layers[1], self.layer_ids[1], h, sent, inputs, self.kv, self.token,
-                                            self.load, **statics)
+                                            self.load, self.tables, **statics)
         return lowered.compile().as_text() if compiled else lowered.as_text()
 
 
@@ -189,9 +236,12 @@ class ExpertNode(_Node):
     def _hold(self, experts: tuple[int, ...], weights_file: str | None) -> None:
         graphdef, state = self.load_weights(experts, weights_file)
         layers = split_layers(sharding.shard_state(state, sharding.EXPERT_TP_RULES, self.mesh), self.cfg.num_layers)
-        programs = ExpertPrograms(self.cfg, graphdef, experts, self.endpoints.receivers["dispatch"],
-                                  self.endpoints.senders.get("back"), self.dtype, self.mesh)
-        self.experts, self.layers, self.programs = experts, layers, programs
+        self.experts, self.layers, self.graphdef = experts, layers, graphdef
+        self._build_programs()
+
+    def _build_programs(self) -> None:
+        self.programs = ExpertPrograms(self.cfg, self.graphdef, self.experts, self.endpoints.receivers["dispatch"],
+                                       self.endpoints.senders.get("back"), self.dtype, self.mesh)
 
     def _check(self, request: p.ExpertStep) -> None:
         senders = self.endpoints.receivers["dispatch"].num_senders

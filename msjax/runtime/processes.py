@@ -40,11 +40,12 @@ def node_env(spec, base: dict | None = None) -> dict:
 class NodeProcess:
     """One node process: `name` ("expert node 1"), `pid`, `alive()`, `returncode`, `log_tail()`, `stop()`."""
 
-    def __init__(self, spec, folder: Path, python: str | None = None):
+    def __init__(self, spec, folder: Path, python: str | None = None, generation: int = 0):
         self.role, self.index = spec.role, spec.index
         self.name = f"{spec.role} node {spec.index}"
-        self.log = folder / f"{spec.role}{spec.index}.log"
-        path = folder / f"{spec.role}{spec.index}.spec"
+        stem = f"{spec.role}{spec.index}" + (f"-g{generation}" if generation else "")  # a restart: a log of its own
+        self.log = folder / f"{stem}.log"
+        path = folder / f"{stem}.spec"
         path.write_bytes(wire.encode(spec))  # deleted by the node once read: it may name weights
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([python or sys.executable, "-m", "msjax.runtime.node_process", "--spec",

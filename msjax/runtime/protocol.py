@@ -5,8 +5,8 @@ separate from the packet channels, so a control message never shares sequence nu
 the runner's process: a direct call with the same messages). Encoded by `msjax.comm.wire` (msgpack, versioned,
 checked against these annotations on decode).
 
-    runner -> attention node   AttentionStep | SetRouting | ReadLoad | Ping | Stop
-    runner -> expert node      ExpertStep | Place | Ping | Stop
+    runner -> attention node   AttentionStep | SetRouting | ReadLoad | Rewire | Ping | Stop
+    runner -> expert node      ExpertStep | Place | Rewire | Ping | Stop
     node -> runner             StepDone | Load | Pong | Ok | Failed
 
 A request a node cannot decode, or one for another role, gets `Failed` and the node serves on.
@@ -74,6 +74,9 @@ class StepDone:
 
     step: int
     sampled: tuple[SampledTokens, ...] = ()
+    # an attention node's expert nodes lost so far (gone mid-exchange: their outputs read as zeros, so this
+    # step's tokens must not be used; the runner re-routes and runs the step again)
+    lost: tuple[int, ...] = ()
 
 
 # -- placement and load --------------------------------------------------------------------------------------
@@ -135,6 +138,15 @@ class Stop:
 
 @message
 @dataclasses.dataclass(frozen=True)
+class Rewire:
+    """Move the node's packet channels (dispatch, back) to `generation`, through the deployment's rendezvous:
+    open its receivers there, connect its senders, close the old ones (between steps; an expert node rejoins)."""
+
+    generation: int
+
+
+@message
+@dataclasses.dataclass(frozen=True)
 class Ok:
     """The request (SetRouting, Place, Stop) took effect."""
 
@@ -181,6 +193,7 @@ class Topology:
     reply_bytes: int  # the largest reply of a node
     timeout_s: float  # how long a packet or reply may take
     startup_timeout_s: float
+    generation: int = 0  # of the channels: each rejoin of an expert node rewires every node onto the next one
 
 
 @message

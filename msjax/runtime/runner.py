@@ -38,6 +38,8 @@ class RunnerHealth:
     healthy: bool
     detail: str  # why not, when not
     nodes: tuple[NodeHealth, ...]
+    degraded: str = ""  # healthy, on fewer expert nodes than the plan has: which are lost
+    lost: tuple[int, ...] = ()  # the expert nodes lost (a re-placement must leave them empty)
 
 
 @runtime_checkable

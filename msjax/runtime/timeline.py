@@ -42,6 +42,12 @@ class Timeline:
     def __init__(self):
         self.launches: list[Launch] = []
         self.spans: list[Span] = []
+        self.marks: list[tuple[int, str]] = []  # (launches before it, text): events such as a lost node
+
+    def mark(self, text: str) -> None:
+        """An event between launches (an expert node lost, the step re-routed), shown as an instant at the start
+        of the next traced program."""
+        self.marks.append((len(self.launches), text))
 
     def launch(self, program: str, group: str, node: int, layer: int, micro_batch: int, mesh) -> None:
         device = mesh.devices.flat[0]
@@ -93,6 +99,11 @@ class Timeline:
                            "name": f"{s.launch.program} L{s.launch.layer}"
                                    + (f" mb{s.launch.micro_batch}" if s.launch.micro_batch >= 0 else ""),
                            "args": dataclasses.asdict(s.launch)})
+        starts = {id(s.launch): s.start_us for s in self.spans}
+        end = max((s.end_us for s in self.spans), default=0.0)
+        for before, text in self.marks:
+            ts = next((starts[id(launch)] for launch in self.launches[before:] if id(launch) in starts), end)
+            events.append({"ph": "i", "s": "g", "pid": 0, "tid": 0, "ts": ts, "name": text})
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def save(self, out_dir: str | Path, title: str = "") -> dict[str, Path]:
