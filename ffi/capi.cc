@@ -164,9 +164,12 @@ int m2n_adopt(int64_t handle, int64_t from) {
   if (to == nullptr || other == nullptr || to == other) return static_cast<int>(Code::kInvalidArgument);
   std::scoped_lock lock(to->mu, other->mu);
   if ((to->sender == nullptr) != (other->sender == nullptr)) return static_cast<int>(Code::kInvalidArgument);
+  bool tolerant = to->sender != nullptr ? to->sender->tolerant() : to->receiver->tolerant();
   std::swap(to->sender, other->sender);
   std::swap(to->receiver, other->receiver);
   std::swap(to->connectable, other->connectable);
+  if (to->sender != nullptr) to->sender->SetTolerant(tolerant);  // the handle keeps its settings
+  if (to->receiver != nullptr) to->receiver->SetTolerant(tolerant);
   return 0;
 }
 

@@ -38,6 +38,7 @@ int m2n_set_tolerant(int64_t handle, int on);
 int m2n_lost(int64_t handle, uint8_t* out, uint32_t n);
 // Endpoint `handle` takes over the connection of endpoint `from` (of the same kind), which gets `handle`'s old
 // one (close it): programs compiled against `handle` then talk over the new connection without a recompile.
+// `handle` keeps its tolerance; the new connection starts with no peer lost.
 int m2n_adopt(int64_t handle, int64_t from);
 // Mark peer `peer` lost (the caller took it out of the deployment): no call waits for it from now on.
 int m2n_mark_lost(int64_t handle, uint32_t peer);

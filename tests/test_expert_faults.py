@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from msjax.errors import ConfigError
 from msjax.models.programs import MoEModel
 from msjax.runtime import protocol as p
 from msjax.runtime.faults import degrade, rebuilt_experts
-from tests.model_utils import assert_same_outputs, run_requests, tiny_config
+from tests.model_utils import assert_same_outputs, run_requests, run_segments, tiny_config
 
 OPTIONS = dict(page_size=8, num_pages=48, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=96)
 NO_REPLICAS = ((0, 1), (2, 3), (4,))  # tiny_config: 5 experts on 3 expert nodes
@@ -85,10 +84,6 @@ def _reference():
     return _CACHE["ref"]
 
 
-def _segments() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("msjax-m2n-mp*")}
-
-
 def _kill(runner, node: int) -> None:
     proc = runner.processes.procs["expert", node]
     os.kill(proc.pid, signal.SIGKILL)
@@ -116,7 +111,7 @@ def _run(plan, *, kill_mid_step=None, kill_before_step=None, before_step=None):
     """8 greedy requests under `plan` with expert processes killed as asked (and `before_step(runner, step)`
     called before each engine step): (outputs, runner fault stats, placement at the end, health at the end,
     pages free at the end == all, the steps it killed in)."""
-    before = _segments()
+    before = run_segments()
     engine = Engine(_model(), EngineConfig(**OPTIONS), plan=plan)
     runner = engine.runner
     try:
@@ -132,7 +127,7 @@ def _run(plan, *, kill_mid_step=None, kill_before_step=None, before_step=None):
                   engine.num_free_pages() == engine.num_total_pages(), killed)
     finally:
         engine.close()
-    assert _segments() <= before
+    assert run_segments() <= before
     return result
 
 
@@ -238,7 +233,7 @@ def test_losing_every_expert_node_fails_clearly_within_seconds():
     """Every expert process killed mid-step: the step fails within 5 s with an error naming the loss, the
     deployment closes, health says why; nothing hangs and nothing is left behind."""
     from msjax.runtime.hosts import WorkerError
-    before = _segments()
+    before = run_segments()
     plan = DeploymentPlan(1, 1, 3, 1, 1, transport="shm", placement=REPLICAS)
     engine = Engine(_model(), EngineConfig(**OPTIONS), plan=plan)
     runner = engine.runner
@@ -254,7 +249,7 @@ def test_losing_every_expert_node_fails_clearly_within_seconds():
         assert runner.closed and not runner.health().healthy
     finally:
         engine.close()
-    assert _segments() <= before
+    assert run_segments() <= before
 
 
 @pytest.mark.slow
@@ -279,7 +274,7 @@ def test_the_server_keeps_serving_through_an_expert_nodes_loss_and_says_so():
     llm = msjax.LLM("tiny-moe", **options)  # one process, one program
     want = [o.text for o in llm.generate(prompts, sampling)]
     del llm
-    before = _segments()
+    before = run_segments()
     srv = msjax.serve(msjax.ServeConfig(plan=DeploymentPlan(1, 1, 3, 1, 2, transport="shm"), grpc_port=0,
                                         http_port=0, engine=options, warmup=False))
     runner = srv.engine.runner
@@ -317,4 +312,4 @@ def test_the_server_keeps_serving_through_an_expert_nodes_loss_and_says_so():
                  == health_pb2.HealthCheckResponse.NOT_SERVING, what="gRPC health NOT_SERVING")
     finally:
         srv.stop()
-    assert _segments() <= before
+    assert run_segments() <= before

@@ -24,7 +24,7 @@ from msjax.errors import ConfigError
 from msjax.models.programs import MoEModel
 from msjax.runtime import protocol as p
 from msjax.runtime.runner import make_runner
-from tests.model_utils import assert_same_outputs, run_requests, tiny_config
+from tests.model_utils import assert_same_outputs, run_requests, run_segments, tiny_config
 
 # hard limits: every M2N wait times out (60 s), start-up gives up after 120 s, subprocesses are waited with a timeout
 pytestmark = pytest.mark.skipif(not native.is_built(), reason="native M2N library not built")
@@ -53,10 +53,6 @@ def _reference():
     return _CACHE["ref"]
 
 
-def _segments() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("msjax-m2n-mp*")}
-
-
 def _schedule(compiled_hlo: str) -> list[str]:
     """The order XLA scheduled a layer program's main computation in, as a list of: route (a micro-batch's
     router top-k, inside its attention), send / recv (m2n calls, a run of them to every expert node counted
@@ -78,7 +74,7 @@ def _local_attention_nodes(runner):
 
 def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
     want = _reference()
-    before = _segments()
+    before = run_segments()
     engine = Engine(_model(), EngineConfig(**OPTIONS), plan=plan)
     runner = engine.runner
     procs = list(runner.processes)
@@ -122,7 +118,7 @@ def _check_generation(plan: DeploymentPlan, *, check_hlo: bool = False):
     finally:
         engine.close()
     assert all(proc.returncode == 0 for proc in procs), [proc.returncode for proc in procs]  # stopped cleanly
-    assert _segments() <= before
+    assert run_segments() <= before
 
 
 def test_step_inputs_pack_into_two_arrays_and_back():
@@ -222,13 +218,13 @@ def test_rebalance_between_steps_moves_experts_across_processes(monkeypatch, att
 @pytest.mark.slow
 def test_worker_that_fails_to_start_is_a_clear_error():
     from msjax.runtime.hosts import WorkerError
-    before = _segments()
+    before = run_segments()
     start = time.monotonic()
     with pytest.raises(WorkerError, match="expert node 0 .* exited with code 1"):
         make_runner(_model(), EngineConfig(**OPTIONS), DeploymentPlan(1, 1, 1, 1, 1, transport="shm"),
                     checkpoint="/nonexistent/checkpoint", startup_timeout_s=60)
     assert time.monotonic() - start < 30
-    assert _segments() <= before
+    assert run_segments() <= before
 
 
 @pytest.mark.parametrize("transport", ["shm", pytest.param("tcp", marks=pytest.mark.slow)])
@@ -238,7 +234,7 @@ def test_attention_process_death_mid_step_is_a_clear_error(transport):
     off, the exchange itself notices (the control channel). An expert node's death is survived instead:
     tests/test_expert_faults.py."""
     from msjax.runtime.hosts import WorkerError
-    before = _segments()
+    before = run_segments()
     plan = DeploymentPlan(2, 1, 2, 1, 1, transport=transport, attention_processes=True)
     runner = make_runner(_model(), EngineConfig(**OPTIONS), plan, timeout_s=60)
     try:
@@ -258,7 +254,7 @@ def test_attention_process_death_mid_step_is_a_clear_error(transport):
     finally:
         runner.close()
     assert all(not proc.alive() for proc in runner.processes)
-    assert _segments() <= before
+    assert run_segments() <= before
 
 
 @pytest.mark.slow
@@ -267,7 +263,7 @@ def test_attention_process_death_between_steps_closes_the_deployment():
     fails within seconds naming the node (the runner's liveness check while it waits for the reply), and every
     other process stops; the runner refuses further use."""
     from msjax.runtime.hosts import WorkerError
-    before = _segments()
+    before = run_segments()
     plan = DeploymentPlan(2, 1, 1, 1, 1, transport="shm", attention_processes=True)
     runner = make_runner(_model(), EngineConfig(**OPTIONS), plan, timeout_s=60)
     try:
@@ -283,7 +279,7 @@ def test_attention_process_death_between_steps_closes_the_deployment():
     finally:
         runner.close()
     assert all(not proc.alive() for proc in runner.processes)
-    assert _segments() <= before
+    assert run_segments() <= before
 
 
 @pytest.mark.slow  # full suite only: the quick subset stays under 5 minutes
@@ -488,7 +484,7 @@ def test_server_over_node_processes_answers_like_the_offline_engine():
     llm = msjax.LLM("tiny-moe", **options)  # one process, one program
     want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
     del llm
-    before = _segments()
+    before = run_segments()
     srv = msjax.serve(msjax.ServeConfig(plan=plan, grpc_port=0, http_port=0, engine=options, warmup=False))
     runner = srv.engine.runner
     procs = list(runner.processes)
@@ -510,4 +506,4 @@ def test_server_over_node_processes_answers_like_the_offline_engine():
     finally:
         srv.stop()
     assert all(not proc.alive() for proc in procs)
-    assert _segments() <= before
+    assert run_segments() <= before

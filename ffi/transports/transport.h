@@ -39,6 +39,7 @@ class SendEndpoint {
   // and every later send to it is dropped at once: a program keeps running past a peer's death, and its host
   // reads lost() afterwards (the runner re-runs the step without that peer).
   void SetTolerant(bool on) { tolerant_ = on; }
+  bool tolerant() const { return tolerant_; }
   const std::vector<uint8_t>& lost() const { return lost_; }
   // The caller knows receiver `peer` is gone (the runner took it out of the deployment): as if a send had failed.
   void MarkLost(uint32_t peer) {
@@ -78,6 +79,7 @@ class RecvEndpoint {
   // bytes, now and on every later receive, while the other senders' messages are still taken; a malformed
   // message is still an error. See SendEndpoint::SetTolerant.
   void SetTolerant(bool on) { tolerant_ = on; }
+  bool tolerant() const { return tolerant_; }
   const std::vector<uint8_t>& lost() const { return lost_; }
   void MarkLost(uint32_t peer) {
     if (peer < lost_.size()) lost_[peer] = 1;

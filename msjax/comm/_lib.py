@@ -170,7 +170,8 @@ class _Endpoint:
     def adopt(self, other: "_Endpoint") -> None:
         """Take over `other`'s connection (an endpoint of the same kind and shape, e.g. the next generation of
         this channel) under this endpoint's handle, and close `other` with the old one: programs compiled
-        against this handle use the new connection without a recompile."""
+        against this handle use the new connection without a recompile. This endpoint keeps its tolerance; the
+        new connection starts with no peer lost."""
         shape = lambda e: (isinstance(e, Sender), e.index, e._peers(), e.capacity)  # noqa: E731
         if shape(self) != shape(other):
             raise ValueError(f"cannot adopt an endpoint of another kind or shape: {shape(other)} for {shape(self)}")

@@ -32,11 +32,6 @@ class Routing:
     cum_shares: tuple[tuple[float, ...], ...]  # per expert: cumulative share up to each replica (last is 1)
     num_local: tuple[int, ...]  # experts held by each node (0: a node out of the exchange, e.g. one that was lost)
 
-    @property
-    def live(self) -> tuple[int, ...]:
-        """The expert nodes that hold experts (a lost node holds none)."""
-        return tuple(node for node, n in enumerate(self.num_local) if n > 0)
-
     @classmethod
     def from_placement(cls, placement: tuple[tuple[int, ...], ...], num_experts: int,
                        shares: tuple[tuple[float, ...], ...] | None = None) -> "Routing":

@@ -38,14 +38,14 @@ import jax
 import numpy as np
 
 from msjax.comm import native, wire
-from msjax.comm.endpoints import BIND_HOST, key, node_endpoints, runner_endpoints
+from msjax.comm.endpoints import BIND_HOST, channel_run, key, node_endpoints, packet_endpoints, runner_endpoints
 from msjax.comm.m2n import Routing
 from msjax.config import check_placement
 from msjax.errors import ConfigError
 from msjax.runtime import protocol as p
 from msjax.runtime import step_inputs
 from msjax.runtime.deployment import Deployment, channel_sizes
-from msjax.runtime.faults import FaultStats, degrade
+from msjax.runtime.faults import FaultStats, degrade, rebuilt_experts
 from msjax.runtime.hosts import LocalHost, NodeLost, ProcessLinks, WorkerError
 from msjax.runtime.nodes import AttentionNode, ExpertNode
 from msjax.runtime.processes import NodeProcess, NodeProcesses
@@ -287,20 +287,22 @@ class NodeRunner:
         """While waiting for node `node_key`'s reply: a NodeLost when its process exited, a WorkerError when an
         attention process did (its requests' KV caches went with it)."""
         for proc in self.processes.dead():
-            what = f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode} {when}"
             if proc.role == "attention":
-                raise WorkerError(what + self.processes.logs())
+                raise WorkerError(proc.exited(when) + self.processes.logs())
             if (proc.role, proc.index) == node_key:
-                raise NodeLost(node_key, what)
+                raise NodeLost(node_key, proc.exited(when))
+
+    def _newly_dead(self) -> list:
+        """Node processes that exited and are not yet lost: any attention process, and live expert nodes."""
+        return [proc for proc in self.processes.dead() if proc.role == "attention" or proc.index not in self.lost]
 
     def _recover(self, when: str) -> None:
         """Expert node processes that exited since the last step are lost; an attention process that did ends
         the deployment."""
-        dead = [proc for proc in self.processes.dead() if proc.role == "attention" or proc.index not in self.lost]
+        dead = self._newly_dead()
         for proc in dead:
             if proc.role == "attention":
-                raise WorkerError(f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode} {when}"
-                                  + self.processes.logs())
+                raise WorkerError(proc.exited(when) + self.processes.logs())
         if dead:
             self._lose({proc.index for proc in dead}, when)
 
@@ -327,9 +329,10 @@ class NodeRunner:
             self.faults.rebuilds += 1
             self.faults.rebuild_s += time.monotonic() - start
         self._ask(self.attention_keys, p.SetRouting(degraded.placement, degraded.shares), p.Ok)
+        rebuilt = rebuilt_experts(self.placement, degraded)
         self.placement, self.shares = degraded.placement, degraded.shares
         self._mark(f"re-routed: experts on nodes {[e for e in range(len(self.placement)) if e not in self.lost]}"
-                   + (f", loaded {sorted(degraded.loads)}" if degraded.loads else ""))
+                   + (f", experts {list(rebuilt)} loaded onto nodes {sorted(degraded.loads)}" if rebuilt else ""))
         if self.deployment.plan.restart_lost_experts:
             for e in sorted(nodes):
                 self.rejoin(e, wait=False)
@@ -373,9 +376,7 @@ class NodeRunner:
         joining = self._joining[node]
         if not joining.proc.alive():
             del self._joining[node]
-            raise WorkerError(f"expert node {node} exited with code {joining.proc.returncode} while starting again"
-                              + joining.proc.log_tail())
-        from msjax.comm.endpoints import channel_run
+            raise WorkerError(joining.proc.exited("while starting again") + joining.proc.log_tail())
         run = channel_run(joining.topology)
         return self._server.has(key(run, "dispatch", node), key(run, "control", "expert", node))
 
@@ -393,7 +394,6 @@ class NodeRunner:
         return True
 
     def _rewire(self, node: int, joining: "_Joining") -> None:
-        from msjax.comm.endpoints import channel_run, packet_endpoints
         from msjax.comm.rendezvous import RendezvousClient
         topology, node_key = joining.topology, ("expert", node)
         rendezvous = RendezvousClient(self._server.address, token=topology.token, timeout_s=self.startup_timeout_s)
@@ -401,10 +401,8 @@ class NodeRunner:
             self.processes.add(joining.proc)
 
             def alive():  # the new process and every live one
-                for proc in self.processes.dead():
-                    if proc.role == "attention" or proc.index not in self.lost or proc is joining.proc:
-                        raise WorkerError(f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode} while "
-                                          f"expert node {node} rejoined" + self.processes.logs())
+                for proc in self._newly_dead() + ([] if joining.proc.alive() else [joining.proc]):
+                    raise WorkerError(proc.exited(f"while expert node {node} rejoined") + self.processes.logs())
             remote = [k for k in self.attention_keys + self.live_expert_keys if k not in self.local]
             for k in remote:  # they open their next-generation receivers at once, then connect
                 self.links.submit(k, p.Rewire(topology.generation))
@@ -534,7 +532,7 @@ class NodeRunner:
         dead = self.processes.dead()
         logs = self.processes.logs()
         self.close()
-        what = ("; ".join(f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode}" for proc in dead)
+        what = ("; ".join(proc.exited() for proc in dead)
                 if dead else "the exchange between the nodes failed")
         raise WorkerError(f"{what}: {err}" + logs) from err
 

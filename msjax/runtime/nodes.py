@@ -75,10 +75,6 @@ class _Node:
             self.endpoints.receivers[name].adopt(endpoint)
         packets.senders.clear()
         packets.receivers.clear()
-        self._rewired()
-
-    def _rewired(self) -> None:
-        pass
 
     def close(self) -> None:
         self.endpoints.close()
@@ -106,33 +102,22 @@ class AttentionNode(_Node):
                                    AttentionRole.SHARED_PARAMS)
         self.kv = sharding.kv_cache(cfg, engine_config.num_pages, engine_config.page_size, dtype, rules, self.mesh)
         self.load = jax.device_put(jnp.zeros(cfg.num_experts, jnp.int32), self.replicated)  # tokens per expert
-        self.graphdef = graphdef
-        self._build_programs()
-        self._route(tuple(placement))
-        self.traffic: list[dict] | None = None  # a list records what each (layer, micro-batch) routed and sent
-
-    def _build_programs(self) -> None:
-        tx, back = self.endpoints.senders.get("dispatch"), self.endpoints.receivers["back"]
-        self.programs = AttentionPrograms(self.cfg, self.graphdef, tx, back, self.dtype, self.mesh)
+        tx, back = endpoints.senders.get("dispatch"), endpoints.receivers["back"]
+        self.programs = AttentionPrograms(cfg, graphdef, tx, back, dtype, self.mesh)
         # an expert node that dies mid-step must not fail this node's programs: that would lose the KV cache
         # (donated to them) and with it every request here. Tolerant, the programs run to their end with the
         # lost node's outputs as zeros, and the step's reply names the lost node (`result`)
         self._tolerant = [ep for ep in (tx, back) if ep is not None]
         for ep in self._tolerant:
             ep.set_tolerant()
-
-    def _rewired(self) -> None:
-        """New connections under the old handles: tolerant again (the runner's SetRouting that follows marks
-        the nodes still out)."""
-        for ep in self._tolerant:
-            ep.set_tolerant()
+        self._route(tuple(placement))
+        self.traffic: list[dict] | None = None  # a list records what each (layer, micro-batch) routed and sent
 
     def _route(self, placement, shares=None) -> None:
         """Route by `placement` from the next step: the tables are an operand of the programs (no compile);
         an expert node that holds nothing is out of the deployment, so no call waits for it."""
-        self.placement, self.shares = placement, shares
-        self.routing = Routing.from_placement(placement, self.cfg.num_experts, shares)
-        self.tables = jax.device_put(tuple(jnp.asarray(t) for t in self.routing.tables()), self.replicated)
+        routing = Routing.from_placement(placement, self.cfg.num_experts, shares)
+        self.tables = jax.device_put(tuple(jnp.asarray(t) for t in routing.tables()), self.replicated)
         for node, experts in enumerate(placement):
             if not experts:
                 for ep in self._tolerant:
@@ -236,12 +221,9 @@ class ExpertNode(_Node):
     def _hold(self, experts: tuple[int, ...], weights_file: str | None) -> None:
         graphdef, state = self.load_weights(experts, weights_file)
         layers = split_layers(sharding.shard_state(state, sharding.EXPERT_TP_RULES, self.mesh), self.cfg.num_layers)
-        self.experts, self.layers, self.graphdef = experts, layers, graphdef
-        self._build_programs()
-
-    def _build_programs(self) -> None:
-        self.programs = ExpertPrograms(self.cfg, self.graphdef, self.experts, self.endpoints.receivers["dispatch"],
-                                       self.endpoints.senders.get("back"), self.dtype, self.mesh)
+        programs = ExpertPrograms(self.cfg, graphdef, experts, self.endpoints.receivers["dispatch"],
+                                  self.endpoints.senders.get("back"), self.dtype, self.mesh)
+        self.experts, self.layers, self.programs = experts, layers, programs
 
     def _check(self, request: p.ExpertStep) -> None:
         senders = self.endpoints.receivers["dispatch"].num_senders

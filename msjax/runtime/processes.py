@@ -56,6 +56,10 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def exited(self, when: str = "") -> str:
+        """What an error says of this process once it exited."""
+        return f"{self.name} (pid {self.pid}) exited with code {self.returncode}" + (f" {when}" if when else "")
+
     @property
     def returncode(self):
         return self.proc.poll()
@@ -96,8 +100,7 @@ class NodeProcesses:
     def check(self, when: str) -> None:
         """WorkerError naming the first node process that exited, with every log tail."""
         for proc in self.dead():
-            raise WorkerError(f"{proc.name} (pid {proc.pid}) exited with code {proc.returncode} {when}"
-                              + self.logs())
+            raise WorkerError(proc.exited(when) + self.logs())
 
     def stop(self, timeout_s: float) -> None:
         import time
